@@ -1,0 +1,1 @@
+"""Data tools: synthetic long-context corpora, tokenizer training, pre-tokenization to Megatron indexed binaries."""

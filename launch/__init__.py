@@ -1,0 +1,1 @@
+"""Launch helpers: torchrun/SLURM scripts and cluster job templates."""

@@ -1,0 +1,122 @@
+"""All-gather context-parallel attention (Llama 3 style).
+
+K and V are gathered in one collective; each rank then attends its own query
+chunks against the global keys: a non-causal prefix plus a causal diagonal
+block per chunk. The backward re-gathers K/V, recomputes from the global lse,
+and reduce-scatters dK/dV in one collective.
+
+Parts: block plan, forward, backward, ``autograd.Function``, public wrapper.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..sharding import local_chunks, unshard_sequence, shard_sequence
+from .blocks import select_kernel
+from .checks import rank_and_size, validate
+from .comm import all_gather_into, reduce_scatter_from
+from .merge import accumulator_dtype, merge_into
+
+Tensor = torch.Tensor
+# (local q rows, global kv rows, causal)
+Piece = Tuple[slice, slice, bool]
+
+
+def allgather_plan(seq_len: int, rank: int, world_size: int, causal: bool, layout: str) -> List[Piece]:
+    """Blocks to compute; the first block of each query chunk covers all its rows."""
+    if not causal:
+        return [(slice(None), slice(0, seq_len), False)]
+    pieces: List[Piece] = []
+    for c in local_chunks(seq_len, rank, world_size, layout):
+        rows = slice(c.local_start, c.local_end)
+        pieces.append((rows, slice(c.global_start, c.global_end), True))
+        if c.global_start > 0:
+            pieces.append((rows, slice(0, c.global_start), False))
+    return pieces
+
+
+def _gather_kv(k: Tensor, v: Tensor, group, world_size: int, layout: str) -> Tensor:
+    """k, v: [b, s, h_kv, d] -> global kv [2, b, S, h_kv, d], in sequence order."""
+    local = torch.stack([k, v])
+    gathered = torch.empty((world_size * 2,) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
+    if world_size == 1:
+        gathered.copy_(local)
+    else:
+        all_gather_into(gathered, local, group)
+    return unshard_sequence(list(gathered.view(world_size, *local.shape).unbind(0)), dim=2, layout=layout)
+
+
+def allgather_forward(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, scale: float, layout: str):
+    """q: [b, s, h, d], k/v: [b, s, h_kv, d] -> out [b, s, h, d] (q dtype), lse [b, h, s] fp32."""
+    rank, world_size = rank_and_size(group)
+    kv = _gather_kv(k, v, group, world_size, layout)
+    kernel = select_kernel(q.device, q.dtype)
+    acc = accumulator_dtype(q.dtype)
+    out = torch.empty(q.shape, dtype=acc, device=q.device)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=acc, device=q.device)
+    covered = set()
+    for rows, keys, blk_causal in allgather_plan(kv.shape[2], rank, world_size, causal, layout):
+        o_blk, l_blk = kernel.forward(q[:, rows], kv[0][:, keys], kv[1][:, keys], blk_causal, scale)
+        if (rows.start, rows.stop) in covered:
+            merge_into(out[:, rows], lse[:, :, rows], o_blk, l_blk)
+        else:
+            out[:, rows] = o_blk
+            lse[:, :, rows] = l_blk
+            covered.add((rows.start, rows.stop))
+    return out.to(q.dtype), lse
+
+
+def allgather_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: float, layout: str):
+    """Gradients of :func:`allgather_forward`, fp32 accumulation, input dtype out."""
+    rank, world_size = rank_and_size(group)
+    kv = _gather_kv(k, v, group, world_size, layout)
+    kernel = select_kernel(q.device, q.dtype)
+    acc = accumulator_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+    for rows, keys, blk_causal in allgather_plan(kv.shape[2], rank, world_size, causal, layout):
+        g = kernel.backward(dout[:, rows], q[:, rows], kv[0][:, keys], kv[1][:, keys],
+                            out[:, rows], lse[:, :, rows], blk_causal, scale)
+        dq[:, rows] += g[0]
+        dkv[0][:, keys] += g[1]
+        dkv[1][:, keys] += g[2]
+    del kv
+    # Back to rank order, then one reduce-scatter hands each rank its own dK/dV.
+    by_rank = torch.cat([shard_sequence(dkv, 2, r, world_size, layout) for r in range(world_size)], dim=0)
+    mine = torch.empty((2,) + tuple(k.shape), dtype=acc, device=k.device)
+    if world_size == 1:
+        mine.copy_(by_rank)
+    else:
+        reduce_scatter_from(mine, by_rank, group)
+    return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
+
+
+class AllGatherAttentionFunction(torch.autograd.Function):
+    """Exact all-gather CP attention with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, scale, layout):
+        out, lse = allgather_forward(q, k, v, group, causal, scale, layout)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, causal, scale, layout)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = allgather_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = True,
+                        softmax_scale: Optional[float] = None, layout: str = "zigzag") -> Tensor:
+    """Context-parallel attention by all-gathering K/V (GQA sends only h_kv heads).
+
+    q: [b, s_local, h, d]; k, v: [b, s_local, h_kv, d]; returns [b, s_local, h, d]
+    in q's dtype. ``group=None`` is the default group; ``softmax_scale`` defaults to d**-0.5.
+    """
+    validate(q, k, v, group, causal, layout)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    return AllGatherAttentionFunction.apply(q, k, v, group, causal, scale, layout)

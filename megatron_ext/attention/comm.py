@@ -1,0 +1,61 @@
+"""Communication helpers shared by the context-parallel attention algorithms.
+
+Every P2P exchange posts its operations in one fixed, rank-independent order
+(all sends to the next rank, then all receives from the previous rank), and
+every returned ``Work`` is waited on. Mismatched orders hang on gloo.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+# Tags keep the KV stream and the dK/dV stream apart when both are in flight.
+TAG_KV = 0
+TAG_DKV = 1
+
+
+class RingComm:
+    """Rotate tensors one step around ``group``: send to rank+1, receive from rank-1."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup]):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        pg = group if group is not None else dist.group.WORLD
+        self.next_peer = dist.get_global_rank(pg, (self.rank + 1) % self.world_size)
+        self.prev_peer = dist.get_global_rank(pg, (self.rank - 1) % self.world_size)
+        self.bytes_sent = 0
+
+    def exchange(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], tag: int) -> List[dist.Work]:
+        """Start sending ``send`` to next and receiving into ``recv`` from prev.
+
+        Returns the pending works; pass them to :func:`wait_all` before touching
+        either list again.
+        """
+        ops = [dist.P2POp(dist.isend, t, self.next_peer, self.group, tag) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, self.prev_peer, self.group, tag) for t in recv]
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in send)
+        return dist.batch_isend_irecv(ops)
+
+
+def wait_all(works: Optional[List[dist.Work]]) -> None:
+    """Wait on every pending work (``None`` is nothing pending)."""
+    for w in works or ():
+        w.wait()
+
+
+def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    """All-gather ``tensor`` [n, ...] into ``output`` [P * n, ...] in one collective."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(output, tensor.contiguous(), group=group)
+
+
+def reduce_scatter_from(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    """Sum ``tensor`` [P * n, ...] over ranks; rank r keeps block r in ``output`` [n, ...]."""
+    fn = getattr(dist, "reduce_scatter_single", None)
+    if fn is not None:
+        fn(output, tensor.contiguous(), group=group)
+    else:
+        dist.reduce_scatter_tensor(output, tensor.contiguous(), group=group)

@@ -1,0 +1,77 @@
+"""Run a function on P local gloo processes and collect what each rank returns.
+
+Used by the tests, the demo and the benchmarks. Rendezvous is a ``file://``
+path; each rank's result (or traceback) comes back through a file. A rank that
+does not finish within ``timeout_s`` makes the call raise ``TimeoutError``
+naming it, after every child has been killed: nothing hangs.
+"""
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, List, Sequence
+
+import torch
+
+
+def _rank_main(fn, rank, world_size, init_file, out_dir, args, threads, timeout_s):
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        torch.set_num_threads(threads)
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        try:
+            result = {"ok": fn(rank, world_size, *args)}
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - report any failure to the parent
+        result = {"error": traceback.format_exc()}
+    torch.save(result, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def spawn_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
+                timeout_s: float = 60.0, threads_per_rank: int = 1) -> List[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes.
+
+    ``fn`` must be importable (module level). Returns the per-rank results in rank
+    order; raises RuntimeError with the first failing rank's traceback.
+    """
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="mext-spawn-") as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [
+            ctx.Process(target=_rank_main, args=(fn, r, world_size, init_file, tmp, tuple(args),
+                                                threads_per_rank, timeout_s), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if stuck:
+            raise TimeoutError(f"ranks {stuck} of {world_size} did not finish within {timeout_s:.0f}s running {fn.__name__}")
+        results = []
+        for r, p in enumerate(procs):
+            path = os.path.join(tmp, f"rank{r}.pt")
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {r} exited with code {p.exitcode} and no result running {fn.__name__}")
+            res = torch.load(path, weights_only=False)
+            if "error" in res:
+                raise RuntimeError(f"rank {r} of {world_size} failed in {fn.__name__}:\n{res['error']}")
+            results.append(res["ok"])
+        return results

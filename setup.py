@@ -1,0 +1,26 @@
+"""megatron-ext: long-context training for Megatron-Core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-ext",
+    version="0.1.0",
+    description="Context parallelism, the LongSkywork long-context recipe, and data/launch tools for Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_ext*", "data_tools*", "launch*"]),
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16,<0.20",
+        "sentencepiece>=0.2",
+        "wandb>=0.17",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "pyyaml",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+)

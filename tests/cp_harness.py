@@ -1,0 +1,83 @@
+"""Shared harness for the context-parallel attention tests.
+
+Each rank builds the same full-sequence inputs from a seed, computes its own
+float64 dense reference with autograd, runs one CP method on its shard, and
+returns the max abs error of out, dq, dk and dv on that shard.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from megatron_ext import attention
+from megatron_ext.sharding import shard_sequence
+
+METHODS = {"ring": attention.ring_attention, "allgather": attention.allgather_attention}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    causal: bool = True
+    h: int = 8
+    h_kv: int = 8
+    d: int = 64
+    dtype: str = "fp32"
+    layout: str = "zigzag"
+    b: int = 2
+    seq_len: int = 96
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return "-".join(f"{k}={v}" for k, v in asdict(self).items())
+
+
+def reference_attention(q, k, v, causal: bool, scale: float):
+    """Dense float64 attention. q: [b, S, h, d]; k, v: [b, S, h_kv, d] -> [b, S, h, d]."""
+    groups = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2)
+    kh = k.transpose(1, 2).repeat_interleave(groups, dim=1)
+    vh = v.transpose(1, 2).repeat_interleave(groups, dim=1)
+    scores = qh @ kh.transpose(-1, -2) * scale
+    if causal:
+        n = scores.shape[-1]
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ vh).transpose(1, 2)
+
+
+def make_inputs(case: Case):
+    """Full-sequence q, k, v, dout in the case dtype (identical on every rank)."""
+    g = torch.Generator().manual_seed(case.seed)
+    dt = DTYPES[case.dtype]
+    shape_q = (case.b, case.seq_len, case.h, case.d)
+    shape_kv = (case.b, case.seq_len, case.h_kv, case.d)
+    return [torch.randn(s, generator=g).to(dt) for s in (shape_q, shape_kv, shape_kv, shape_q)]
+
+
+def run_case(rank: int, world_size: int, case: Case, group=None) -> dict:
+    """Errors of this rank's shard against the float64 reference."""
+    q, k, v, dout = make_inputs(case)
+    scale = case.d ** -0.5
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out = reference_attention(*ref, case.causal, scale)
+    ref_out.backward(dout.double())
+    shard = lambda t: shard_sequence(t, 1, rank, world_size, case.layout)  # noqa: E731
+    mine = [shard(t).detach().clone().requires_grad_() for t in (q, k, v)]
+    out = METHODS[case.method](*mine, group, causal=case.causal, layout=case.layout)
+    out.backward(shard(dout))
+    got = [out] + [t.grad for t in mine]
+    want = [ref_out] + [t.grad for t in ref]
+    names = ("out", "dq", "dk", "dv")
+    errs = {n: (g.double() - shard(w).detach()).abs().max().item() for n, g, w in zip(names, got, want)}
+    errs.update({f"ref_max_{n}": w.detach().abs().max().item() for n, w in zip(names, want)})
+    errs["dtype_ok"] = all(g.dtype == DTYPES[case.dtype] for g in got)
+    errs["shape_ok"] = out.shape == mine[0].shape
+    return errs
+
+
+def exactness_worker(rank: int, world_size: int, cases) -> dict:
+    """Run every case on this rank; {case.key: errors}."""
+    return {c.key: run_case(rank, world_size, c) for c in cases}
