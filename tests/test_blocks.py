@@ -5,7 +5,7 @@ import torch
 
 from megatron_ext.attention.blocks import CpuFlashKernel, MathKernel, select_kernel
 from megatron_ext.attention.merge import merge_into
-from tests.cp_harness import reference_attention
+from megatron_ext.attention.reference import reference_attention
 
 
 def _inputs(h=4, h_kv=2, s=24, d=16, dtype=torch.float32):

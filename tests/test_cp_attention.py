@@ -12,7 +12,7 @@ import itertools
 import pytest
 
 from megatron_ext.distributed import spawn_ranks
-from tests.cp_harness import Case, exactness_worker
+from megatron_ext.attention.exactness import Case, exactness_worker
 
 TENSORS = ("out", "dq", "dk", "dv")
 FP32_TOL = 1e-5

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_ext.distributed import spawn_ranks
-from tests.cp_harness import METHODS
+from megatron_ext.attention.exactness import METHODS
 
 # name -> (shapes per rank: q, k, v), expected error type, text the message must contain
 MISUSE = {

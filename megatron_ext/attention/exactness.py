@@ -1,8 +1,9 @@
-"""Shared harness for the context-parallel attention tests.
+"""Exactness harness for context-parallel attention (tests and ``make demo``).
 
 Each rank builds the same full-sequence inputs from a seed, computes its own
-float64 dense reference with autograd, runs one CP method on its shard, and
-returns the max abs error of out, dq, dk and dv on that shard.
+float64 dense reference with autograd (:mod:`.reference`, independent of the
+block kernels), runs one CP method on its shard, and returns the max abs error
+of out, dq, dk and dv on that shard.
 """
 from __future__ import annotations
 
@@ -10,42 +11,43 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from megatron_ext import attention
-from megatron_ext.sharding import shard_sequence
+from ..sharding import shard_sequence
+from .allgather import allgather_attention
+from .reference import reference_attention
+from .ring import ring_attention
 
-METHODS = {"ring": attention.ring_attention, "allgather": attention.allgather_attention}
+METHODS = {"ring": ring_attention, "allgather": allgather_attention}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 @dataclass(frozen=True)
 class Case:
+    """One exactness check of a CP attention method."""
+
     method: str
+    """Key of ``METHODS``: "ring" or "allgather"."""
     causal: bool = True
+    """Causal (decoder) masking, else bidirectional."""
     h: int = 8
+    """Query heads."""
     h_kv: int = 8
+    """Key/value heads (GQA when < h)."""
     d: int = 64
+    """Head dimension."""
     dtype: str = "fp32"
+    """Key of ``DTYPES`` for inputs, kernel and output."""
     layout: str = "zigzag"
+    """Sequence sharding: "zigzag" or "contiguous"."""
     b: int = 2
+    """Batch size."""
     seq_len: int = 96
+    """Full (global) sequence length."""
     seed: int = 0
+    """Seed of the inputs, identical on every rank."""
 
     @property
     def key(self) -> str:
         return "-".join(f"{k}={v}" for k, v in asdict(self).items())
-
-
-def reference_attention(q, k, v, causal: bool, scale: float):
-    """Dense float64 attention. q: [b, S, h, d]; k, v: [b, S, h_kv, d] -> [b, S, h, d]."""
-    groups = q.shape[2] // k.shape[2]
-    qh = q.transpose(1, 2)
-    kh = k.transpose(1, 2).repeat_interleave(groups, dim=1)
-    vh = v.transpose(1, 2).repeat_interleave(groups, dim=1)
-    scores = qh @ kh.transpose(-1, -2) * scale
-    if causal:
-        n = scores.shape[-1]
-        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
-    return (torch.softmax(scores, dim=-1) @ vh).transpose(1, 2)
 
 
 def make_inputs(case: Case):
