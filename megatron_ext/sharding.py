@@ -10,7 +10,7 @@ A length that does not divide raises ``ValueError``; nothing is padded or droppe
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence
+from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
 
@@ -102,3 +102,22 @@ def unshard_sequence(shards: Sequence[torch.Tensor], dim: int, layout: str = "zi
 def position_ids(seq_len: int, rank: int, world_size: int, layout: str = "zigzag") -> torch.Tensor:
     """Global positions of this rank's tokens: LongTensor [S / P]."""
     return shard_sequence(torch.arange(seq_len, dtype=torch.long), 0, rank, world_size, layout)
+
+
+def owners(start: int, stop: int, seq_len: int, world_size: int, layout: str) -> List[Tuple[int, int, int, int]]:
+    """Split global positions [start, stop) by owning rank.
+
+    Returns (offset, length, rank, local_start): positions start+offset ...
+    start+offset+length-1 live on ``rank`` at local rows local_start ... .
+    """
+    c = check_divisible(seq_len, world_size, layout)
+    where = {g: (r, i) for r in range(world_size) for i, g in enumerate(chunk_order(r, world_size, layout))}
+    pieces = []
+    pos = start
+    while pos < stop:
+        g = pos // c
+        end = min(stop, (g + 1) * c)
+        rank, slot = where[g]
+        pieces.append((pos - start, end - pos, rank, slot * c + pos - g * c))
+        pos = end
+    return pieces

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megatron_ext.sharding import local_chunks, position_ids, shard_sequence, unshard_sequence
+from megatron_ext.sharding import local_chunks, owners, position_ids, shard_sequence, unshard_sequence
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
@@ -46,3 +46,15 @@ def test_bad_layout_and_rank():
         shard_sequence(torch.zeros(8), 0, 0, 2, "striped")
     with pytest.raises(ValueError, match="outside"):
         shard_sequence(torch.zeros(8), 0, 2, 2, "zigzag")
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_owners_maps_global_ranges_to_local_rows(layout):
+    seq_len, world_size = 48, 3
+    pos = [position_ids(seq_len, r, world_size, layout) for r in range(world_size)]
+    for start, stop in [(0, 48), (5, 29), (17, 18), (8, 16)]:
+        covered = []
+        for off, n, rank, at in owners(start, stop, seq_len, world_size, layout):
+            assert pos[rank][at:at + n].tolist() == list(range(start + off, start + off + n))
+            covered.extend(range(start + off, start + off + n))
+        assert covered == list(range(start, stop))

@@ -13,11 +13,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..sharding import local_chunks, unshard_sequence, shard_sequence
+from ..sharding import local_chunks, owners, unshard_sequence
 from .blocks import select_kernel
 from .checks import rank_and_size, validate
 from .comm import all_gather_into, reduce_scatter_from
 from .merge import accumulator_dtype, merge_into
+from .stats import timed_compute
 
 Tensor = torch.Tensor
 # (local q rows, global kv rows, causal)
@@ -37,28 +38,29 @@ def allgather_plan(seq_len: int, rank: int, world_size: int, causal: bool, layou
     return pieces
 
 
-def _gather_kv(k: Tensor, v: Tensor, group, world_size: int, layout: str) -> Tensor:
+def _gather_kv(k: Tensor, v: Tensor, group, world_size: int, layout: str, phase: str) -> Tensor:
     """k, v: [b, s, h_kv, d] -> global kv [2, b, S, h_kv, d], in sequence order."""
     local = torch.stack([k, v])
     gathered = torch.empty((world_size * 2,) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
     if world_size == 1:
         gathered.copy_(local)
     else:
-        all_gather_into(gathered, local, group)
+        all_gather_into(gathered, local, group, phase)
     return unshard_sequence(list(gathered.view(world_size, *local.shape).unbind(0)), dim=2, layout=layout)
 
 
 def allgather_forward(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, scale: float, layout: str):
     """q: [b, s, h, d], k/v: [b, s, h_kv, d] -> out [b, s, h, d] (q dtype), lse [b, h, s] fp32."""
     rank, world_size = rank_and_size(group)
-    kv = _gather_kv(k, v, group, world_size, layout)
+    kv = _gather_kv(k, v, group, world_size, layout, "forward")
     kernel = select_kernel(q.device, q.dtype)
     acc = accumulator_dtype(q.dtype)
     out = torch.empty(q.shape, dtype=acc, device=q.device)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=acc, device=q.device)
     covered = set()
     for rows, keys, blk_causal in allgather_plan(kv.shape[2], rank, world_size, causal, layout):
-        o_blk, l_blk = kernel.forward(q[:, rows], kv[0][:, keys], kv[1][:, keys], blk_causal, scale)
+        with timed_compute("forward"):
+            o_blk, l_blk = kernel.forward(q[:, rows], kv[0][:, keys], kv[1][:, keys], blk_causal, scale)
         if (rows.start, rows.stop) in covered:
             merge_into(out[:, rows], lse[:, :, rows], o_blk, l_blk)
         else:
@@ -71,25 +73,28 @@ def allgather_forward(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, scal
 def allgather_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: float, layout: str):
     """Gradients of :func:`allgather_forward`, fp32 accumulation, input dtype out."""
     rank, world_size = rank_and_size(group)
-    kv = _gather_kv(k, v, group, world_size, layout)
+    kv = _gather_kv(k, v, group, world_size, layout, "backward")
     kernel = select_kernel(q.device, q.dtype)
     acc = accumulator_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
-    for rows, keys, blk_causal in allgather_plan(kv.shape[2], rank, world_size, causal, layout):
-        g = kernel.backward(dout[:, rows], q[:, rows], kv[0][:, keys], kv[1][:, keys],
-                            out[:, rows], lse[:, :, rows], blk_causal, scale)
+    # dK/dV accumulate straight into rank order, ready for one reduce-scatter.
+    by_rank = torch.zeros((world_size, 2) + tuple(k.shape), dtype=acc, device=k.device)
+    seq_len = kv.shape[2]
+    for rows, keys, blk_causal in allgather_plan(seq_len, rank, world_size, causal, layout):
+        with timed_compute("backward"):
+            g = kernel.backward(dout[:, rows], q[:, rows], kv[0][:, keys], kv[1][:, keys],
+                                out[:, rows], lse[:, :, rows], blk_causal, scale)
         dq[:, rows] += g[0]
-        dkv[0][:, keys] += g[1]
-        dkv[1][:, keys] += g[2]
+        for off, n, owner, at in owners(keys.start, keys.stop, seq_len, world_size, layout):
+            by_rank[owner, 0, :, at:at + n] += g[1][:, off:off + n]
+            by_rank[owner, 1, :, at:at + n] += g[2][:, off:off + n]
+        del g
     del kv
-    # Back to rank order, then one reduce-scatter hands each rank its own dK/dV.
-    by_rank = torch.cat([shard_sequence(dkv, 2, r, world_size, layout) for r in range(world_size)], dim=0)
     mine = torch.empty((2,) + tuple(k.shape), dtype=acc, device=k.device)
     if world_size == 1:
-        mine.copy_(by_rank)
+        mine.copy_(by_rank[0])
     else:
-        reduce_scatter_from(mine, by_rank, group)
+        reduce_scatter_from(mine, by_rank.flatten(0, 1), group)
     return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 

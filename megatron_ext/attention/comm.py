@@ -11,6 +11,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .stats import count_sent
+
 # Tags keep the KV stream and the dK/dV stream apart when both are in flight.
 TAG_KV = 0
 TAG_DKV = 1
@@ -26,9 +28,9 @@ class RingComm:
         pg = group if group is not None else dist.group.WORLD
         self.next_peer = dist.get_global_rank(pg, (self.rank + 1) % self.world_size)
         self.prev_peer = dist.get_global_rank(pg, (self.rank - 1) % self.world_size)
-        self.bytes_sent = 0
 
-    def exchange(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], tag: int) -> List[dist.Work]:
+    def exchange(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], tag: int,
+                 phase: str = "forward") -> List[dist.Work]:
         """Start sending ``send`` to next and receiving into ``recv`` from prev.
 
         Returns the pending works; pass them to :func:`wait_all` before touching
@@ -36,7 +38,7 @@ class RingComm:
         """
         ops = [dist.P2POp(dist.isend, t, self.next_peer, self.group, tag) for t in send]
         ops += [dist.P2POp(dist.irecv, t, self.prev_peer, self.group, tag) for t in recv]
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in send)
+        count_sent(phase, send)
         return dist.batch_isend_irecv(ops)
 
 
@@ -46,14 +48,22 @@ def wait_all(works: Optional[List[dist.Work]]) -> None:
         w.wait()
 
 
-def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
-    """All-gather ``tensor`` [n, ...] into ``output`` [P * n, ...] in one collective."""
+def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group, phase: str = "forward") -> None:
+    """All-gather ``tensor`` [n, ...] into ``output`` [P * n, ...] in one collective.
+
+    Counted as a ring all-gather: each rank sends (P-1) blocks of ``tensor``'s size.
+    """
+    count_sent(phase, [tensor], dist.get_world_size(group) - 1)
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(output, tensor.contiguous(), group=group)
 
 
-def reduce_scatter_from(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
-    """Sum ``tensor`` [P * n, ...] over ranks; rank r keeps block r in ``output`` [n, ...]."""
+def reduce_scatter_from(output: torch.Tensor, tensor: torch.Tensor, group, phase: str = "backward") -> None:
+    """Sum ``tensor`` [P * n, ...] over ranks; rank r keeps block r in ``output`` [n, ...].
+
+    Counted as a ring reduce-scatter: each rank sends (P-1) blocks of ``output``'s size.
+    """
+    count_sent(phase, [output], dist.get_world_size(group) - 1)
     fn = getattr(dist, "reduce_scatter_single", None)
     if fn is not None:
         fn(output, tensor.contiguous(), group=group)

@@ -15,6 +15,7 @@ from .blocks import select_kernel
 from .checks import rank_and_size, validate
 from .comm import TAG_DKV, TAG_KV, RingComm, wait_all
 from .merge import accumulator_dtype, merge_into
+from .stats import timed_compute
 
 Tensor = torch.Tensor
 # (q rows, kv rows, causal) of one block; ``None`` means the block is fully masked.
@@ -49,12 +50,12 @@ class _Ring:
         self.comm = RingComm(group) if self.world_size > 1 else None
         self._spare: List[List[Tensor]] = []
 
-    def rotate(self, tensors: List[Tensor], tag: int):
+    def rotate(self, tensors: List[Tensor], tag: int, phase: str):
         """Start sending ``tensors`` on; returns (works, receive buffers)."""
         if not self._spare:
             self._spare.append([torch.empty_like(t) for t in tensors])
         recv = self._spare.pop()
-        return self.comm.exchange(tensors, recv, tag), recv
+        return self.comm.exchange(tensors, recv, tag, phase), recv
 
     def recycle(self, buffers: List[Tensor]) -> None:
         """Hand back buffers whose send has completed."""
@@ -68,11 +69,12 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, scale: fl
     out = lse = None
     kv, owned = [k.contiguous(), v.contiguous()], False
     for step in range(ring.world_size):
-        works, nxt = ring.rotate(kv, TAG_KV) if step < ring.world_size - 1 else (None, None)
+        works, nxt = ring.rotate(kv, TAG_KV, "forward") if step < ring.world_size - 1 else (None, None)
         plan = ring_step_plan(ring.rank, (ring.rank - step) % ring.world_size, ring.world_size, q.shape[1], causal, layout)
         if plan is not None:
             qs, ks, blk_causal = plan
-            o_blk, l_blk = kernel.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], blk_causal, scale)
+            with timed_compute("forward"):
+                o_blk, l_blk = kernel.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], blk_causal, scale)
             if out is None:  # step 0 is the diagonal block: it covers every row
                 out, lse = o_blk.to(accumulator_dtype(q.dtype)), l_blk.to(accumulator_dtype(q.dtype))
             else:
@@ -95,12 +97,13 @@ def ring_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: f
     dkv_ring = _Ring(group)
     kv, owned, dkv_works, dkv_sent = [k.contiguous(), v.contiguous()], False, None, None
     for step in range(ring.world_size):
-        works, nxt = ring.rotate(kv, TAG_KV) if step < ring.world_size - 1 else (None, None)
+        works, nxt = ring.rotate(kv, TAG_KV, "backward") if step < ring.world_size - 1 else (None, None)
         plan = ring_step_plan(ring.rank, (ring.rank - step) % ring.world_size, ring.world_size, q.shape[1], causal, layout)
         grads = None
         if plan is not None:
             qs, ks, blk_causal = plan
-            grads = kernel.backward(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], blk_causal, scale)
+            with timed_compute("backward"):
+                grads = kernel.backward(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], blk_causal, scale)
             dq[:, qs] += grads[0]
         if dkv_works is not None:  # the accumulator for this step's kv block arrives
             wait_all(dkv_works)
@@ -110,7 +113,7 @@ def ring_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: f
             dkv[0][:, ks] += grads[1]
             dkv[1][:, ks] += grads[2]
         if ring.world_size > 1:
-            dkv_works, dkv_next = dkv_ring.rotate(dkv, TAG_DKV)
+            dkv_works, dkv_next = dkv_ring.rotate(dkv, TAG_DKV, "backward")
             dkv_sent = dkv
         wait_all(works)
         if owned:
