@@ -78,15 +78,28 @@ def check_inputs(q, k, v, world_size: int, layout: str, rank: Optional[int] = No
         )
 
 
-def validate(q, k, v, group, causal: bool, layout: str) -> None:
-    """Cross-rank agreement first (so every rank raises together), then local rules."""
+def validate(q, k, v, group, causal: bool, layout: str, cp_size: Optional[int] = None) -> None:
+    """Cross-rank agreement first (so every rank raises together), then local rules.
+
+    ``cp_size`` is the whole CP degree when ``group`` is one factor of it (hybrid).
+    """
     check_ranks_agree(q, k, v, group, causal, layout)
     rank, world_size = rank_and_size(group)
-    check_inputs(q, k, v, world_size, layout, rank if world_size > 1 else None)
+    check_inputs(q, k, v, cp_size or world_size, layout, rank if world_size > 1 else None)
+
+
+class _LocalOnly:
+    """A group of one: this rank alone, no communication (e.g. the ring inside pure Ulysses)."""
+
+    def __repr__(self) -> str:
+        return "LOCAL_ONLY"
+
+
+LOCAL_ONLY = _LocalOnly()
 
 
 def rank_and_size(group) -> tuple:
-    """(rank, world_size) in ``group``; (0, 1) when torch.distributed is not initialised."""
-    if group is None and not dist.is_initialized():
+    """(rank, world_size) in ``group``; (0, 1) for LOCAL_ONLY or without torch.distributed."""
+    if group is LOCAL_ONLY or (group is None and not dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)

@@ -13,10 +13,12 @@ import torch
 
 from ..sharding import shard_sequence
 from .allgather import allgather_attention
+from .hybrid import build_cp_mesh, hybrid_attention
 from .reference import reference_attention
 from .ring import ring_attention
+from .ulysses import ulysses_attention
 
-METHODS = {"ring": ring_attention, "allgather": allgather_attention}
+METHODS = {"ring": ring_attention, "allgather": allgather_attention, "ulysses": ulysses_attention}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
@@ -44,6 +46,8 @@ class Case:
     """Full (global) sequence length."""
     seed: int = 0
     """Seed of the inputs, identical on every rank."""
+    ulysses_size: int = 1
+    """Ulysses degree U of method "hybrid" (ring degree = world size / U)."""
 
     @property
     def key(self) -> str:
@@ -59,8 +63,8 @@ def make_inputs(case: Case):
     return [torch.randn(s, generator=g).to(dt) for s in (shape_q, shape_kv, shape_kv, shape_q)]
 
 
-def run_case(rank: int, world_size: int, case: Case, group=None) -> dict:
-    """Errors of this rank's shard against the float64 reference."""
+def run_case(rank: int, world_size: int, case: Case, group=None, mesh=None) -> dict:
+    """Errors of this rank's shard against the float64 reference (``mesh`` for "hybrid")."""
     q, k, v, dout = make_inputs(case)
     scale = case.d ** -0.5
     ref = [t.double().requires_grad_() for t in (q, k, v)]
@@ -68,7 +72,10 @@ def run_case(rank: int, world_size: int, case: Case, group=None) -> dict:
     ref_out.backward(dout.double())
     shard = lambda t: shard_sequence(t, 1, rank, world_size, case.layout)  # noqa: E731
     mine = [shard(t).detach().clone().requires_grad_() for t in (q, k, v)]
-    out = METHODS[case.method](*mine, group, causal=case.causal, layout=case.layout)
+    if case.method == "hybrid":
+        out = hybrid_attention(*mine, mesh.ulysses_group, mesh.ring_group, causal=case.causal, layout=case.layout)
+    else:
+        out = METHODS[case.method](*mine, group, causal=case.causal, layout=case.layout)
     out.backward(shard(dout))
     got = [out] + [t.grad for t in mine]
     want = [ref_out] + [t.grad for t in ref]
@@ -81,5 +88,6 @@ def run_case(rank: int, world_size: int, case: Case, group=None) -> dict:
 
 
 def exactness_worker(rank: int, world_size: int, cases) -> dict:
-    """Run every case on this rank; {case.key: errors}."""
-    return {c.key: run_case(rank, world_size, c) for c in cases}
+    """Run every case on this rank; {case.key: errors}. Hybrid meshes are built once per U."""
+    meshes = {u: build_cp_mesh(None, u) for u in sorted({c.ulysses_size for c in cases if c.method == "hybrid"})}
+    return {c.key: run_case(rank, world_size, c, mesh=meshes.get(c.ulysses_size)) for c in cases}

@@ -11,6 +11,7 @@ a ring algorithm), never estimated afterwards. Off unless a recorder is open::
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List
@@ -62,3 +63,38 @@ def timed_compute(phase: str):
         dt = time.thread_time() - t0
         for r in _RECORDERS:
             r.compute_s[phase] += dt
+
+
+def modeled_bytes(method: str, *, b: int, s_local: int, h: int, h_kv: int, d: int, cp_size: int,
+                  ulysses_size: int = 1, elem: int = 4, acc_elem: int = 4) -> Dict[str, float]:
+    """Analytic bytes sent per rank per layer call, by phase.
+
+    ``elem`` is the input element size, ``acc_elem`` that of fp32 gradient
+    accumulators (dK/dV travel or are reduce-scattered in fp32).
+
+    * ring / all-gather forward: 2 * S * d_kv * (P-1)/P, with S = P * s_local and
+      d_kv = h_kv * d. Backward: the same K/V again plus dK/dV, which for the ring
+      make P hops and for all-gather one ring reduce-scatter ((P-1) blocks).
+    * Ulysses (degree U): four all-to-alls that each keep 1/U at home: q/k/v and
+      out forward, dout and dq/dk/dv backward; KV heads count after replication
+      to lcm(h_kv, U).
+    * hybrid: Ulysses over U plus a ring over R = P/U on the replicated KV heads.
+    """
+    kv_local = 2 * b * s_local * h_kv * d
+    if method in ("ring", "allgather"):
+        p = cp_size
+        back_hops = p if method == "ring" else p - 1
+        return {"forward": kv_local * (p - 1) * elem,
+                "backward": kv_local * (p - 1) * elem + kv_local * back_hops * acc_elem * (p > 1)}
+    if method not in ("ulysses", "hybrid"):
+        raise ValueError(f"unknown CP method {method!r}")
+    u = cp_size if method == "ulysses" else ulysses_size
+    r = cp_size // u
+    h_kv_rep = h_kv * (u // math.gcd(h_kv, u))
+    keep = (u - 1) / u
+    qkv = b * s_local * (h + 2 * h_kv_rep) * d * elem
+    o = b * s_local * h * d * elem
+    ring_kv = 2 * b * s_local * h_kv_rep * d  # per rank after the all-to-all: U*s_local tokens, h_kv_rep/U heads
+    ring_fwd = ring_kv * (r - 1) * elem
+    ring_bwd = ring_fwd + ring_kv * r * acc_elem * (r > 1)
+    return {"forward": keep * (qkv + o) + ring_fwd, "backward": keep * (o + qkv) + ring_bwd}
