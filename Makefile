@@ -23,7 +23,8 @@ demo: install
 	$(PY) -m megatron_ext.demo
 
 bench: install
-	$(PY) bench/ring_attention.py
+	MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m bench.ring_attention
+	MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m bench.cp_methods
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache bench/results

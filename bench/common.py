@@ -55,12 +55,20 @@ def print_table(title: str, headers: Sequence[str], rows: List[Sequence[object]]
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
-def write_json(name: str, data: Dict) -> str:
-    """Write ``data`` with machine info to bench/results/NAME.json (atomically)."""
+def write_json(name: str, data: Dict, merge: bool = False) -> str:
+    """Write ``data`` with machine info to bench/results/NAME.json (atomically).
+
+    With ``merge``, top-level keys of an existing file that ``data`` does not
+    set are kept, so a run of some sections leaves the others' figures in place.
+    """
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}.json")
-    payload = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                           "torch": torch.__version__}, **data}
+    old = {}
+    if merge and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    payload = {**old, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                  "torch": torch.__version__}, **data}
     with open(path + ".tmp", "w") as f:
         json.dump(payload, f, indent=2)
     os.replace(path + ".tmp", path)

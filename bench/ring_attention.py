@@ -12,7 +12,8 @@ bench/results/ring_attention.json. Definitions:
               zigzag vs contiguous. Target zigzag <= 1.05.
 * memory      peak RSS growth per rank during fwd+bwd (inputs, outputs, grads and
               buffers) at N=65536, P=4, vs one process on the full sequence.
-              Target <= 1.3/P.
+              Target <= 1.3/P. Run with MALLOC_MMAP_THRESHOLD_=131072 (as `make
+              bench` does) so RSS tracks live tensors, not glibc's retained heap.
 * 200k        one 196,608-token sequence, fwd+bwd over 8 ranks (h=2, d=32),
               64 sampled query rows checked (out, dq) against all keys in float64.
               Target <= 10 min, error <= 1e-4.
@@ -193,10 +194,11 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     args = ap.parse_args(argv)
-    report = {"quick": args.quick}
+    report = {}
     for name in args.sections.split(","):
         SECTIONS[name](args, report)
-    path = write_json("ring_attention" + ("_quick" if args.quick else ""), report)
+        list(report.values())[-1]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    path = write_json("ring_attention" + ("_quick" if args.quick else ""), report, merge=True)
     print(f"\nbench: wrote {path}")
 
 

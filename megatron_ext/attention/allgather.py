@@ -15,8 +15,9 @@ import torch
 
 from ..sharding import local_chunks, owners, unshard_sequence
 from .blocks import select_kernel
-from .checks import rank_and_size, validate
+from .checks import rank_and_size
 from .comm import all_gather_into, reduce_scatter_from
+from .function import apply_cp_attention, cp_attention_function
 from .merge import accumulator_dtype, merge_into
 from .stats import timed_compute
 
@@ -98,21 +99,7 @@ def allgather_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, sca
     return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 
-class AllGatherAttentionFunction(torch.autograd.Function):
-    """Exact all-gather CP attention with a hand-written backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout):
-        out, lse = allgather_forward(q, k, v, group, causal, scale, layout)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, scale, layout)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = allgather_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None
+AllGatherAttentionFunction = cp_attention_function("AllGatherAttentionFunction", allgather_forward, allgather_backward)
 
 
 def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = True,
@@ -122,6 +109,4 @@ def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: 
     q: [b, s_local, h, d]; k, v: [b, s_local, h_kv, d]; returns [b, s_local, h, d]
     in q's dtype. ``group=None`` is the default group; ``softmax_scale`` defaults to d**-0.5.
     """
-    validate(q, k, v, group, causal, layout)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return AllGatherAttentionFunction.apply(q, k, v, group, causal, scale, layout)
+    return apply_cp_attention(AllGatherAttentionFunction, q, k, v, group, causal, softmax_scale, layout)

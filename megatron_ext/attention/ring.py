@@ -12,8 +12,9 @@ from typing import List, Optional, Tuple
 import torch
 
 from .blocks import select_kernel
-from .checks import rank_and_size, validate
+from .checks import rank_and_size
 from .comm import TAG_DKV, TAG_KV, RingComm, wait_all
+from .function import apply_cp_attention, cp_attention_function
 from .merge import accumulator_dtype, merge_into
 from .stats import timed_compute
 
@@ -126,21 +127,7 @@ def ring_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: f
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-class RingAttentionFunction(torch.autograd.Function):
-    """Exact ring attention; the backward recomputes blocks from the global lse."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout):
-        out, lse = ring_forward(q, k, v, group, causal, scale, layout)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, scale, layout)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None
+RingAttentionFunction = cp_attention_function("RingAttentionFunction", ring_forward, ring_backward)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = True,
@@ -151,6 +138,4 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
     this rank's ``layout`` shard of the sequence. Returns [b, s_local, h, d] in q's
     dtype. ``group=None`` is the default group; ``softmax_scale`` defaults to d**-0.5.
     """
-    validate(q, k, v, group, causal, layout)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return RingAttentionFunction.apply(q, k, v, group, causal, scale, layout)
+    return apply_cp_attention(RingAttentionFunction, q, k, v, group, causal, softmax_scale, layout)
