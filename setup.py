@@ -18,6 +18,7 @@ setup(
         "tqdm",
         "matplotlib",
         "pyyaml",
+        "einops",  # megatron-core needs it for hierarchical CP groups (a2a+p2p)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

@@ -1,0 +1,148 @@
+"""Narrow, idempotent patches that let megatron-core (0.16) run on CPU with gloo.
+
+megatron-core assumes CUDA in a few places that a CPU run reaches. Each patch
+below names its target, checks that the target still exists (and raises a
+RuntimeError naming it when a new megatron-core moved it), and is applied only
+when CUDA is unavailable: on a GPU machine :func:`enable_cpu_runtime` changes
+nothing.
+
+1. RNG tracker: ``tensor_parallel.random`` keeps CUDA generator states; on CPU
+   the tracker forks torch's CPU generator instead, so
+   ``model_parallel_cuda_manual_seed`` and ``get_cuda_rng_tracker().fork()`` work.
+2. ``torch.cuda.current_device()`` in the rotary embedding (moving ``inv_freq``),
+   in ``GlobalMemoryBuffer`` and in the DDP grad buffers: those modules see a
+   ``torch`` whose ``cuda.current_device()`` is ``"cpu"``; nothing else changes.
+3. The default causal mask that ``FusedScaleMaskSoftmax`` builds on "cuda" is
+   built on the CPU.
+4. CP RoPE slicing (``get_pos_emb_on_this_cp_rank``) pins memory and calls
+   ``.cuda()``; on CPU it takes the zigzag shard with :func:`shard_sequence`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+
+import torch
+
+from ..sharding import shard_sequence
+
+_APPLIED = []
+
+
+def _target(module_name: str, attr: str):
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RuntimeError(f"enable_cpu_runtime: cannot import {module_name} ({e}); "
+                           f"this megatron-core version moved a patched target") from e
+    if not hasattr(module, attr):
+        raise RuntimeError(f"enable_cpu_runtime: {module_name}.{attr} is gone in this megatron-core "
+                           f"version; update megatron_ext/megatron/cpu.py")
+    return module
+
+
+class _CpuCuda:
+    """``torch.cuda`` as seen by a patched module: only ``current_device`` differs."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return "cpu"
+
+
+class _CpuTorch(types.ModuleType):
+    """``torch`` as seen by a patched module: everything forwards, except ``cuda``."""
+
+    cuda = _CpuCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _cpu_rng_tracker_class():
+    random = _target("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker")
+
+    class CpuRNGStatesTracker(random.CudaRNGStatesTracker):
+        """Named RNG states on torch's CPU generator (same interface as mcore's tracker)."""
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise RuntimeError(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise RuntimeError(f"cpu rng state {name} already exists")
+            saved = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+        @contextlib.contextmanager
+        def fork(self, name=random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise KeyError(f"cpu rng state {name} is not added")
+            saved = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(saved)
+
+    return CpuRNGStatesTracker
+
+
+def _patch_rng_tracker():
+    random = _target("megatron.core.tensor_parallel.random", "initialize_rng_tracker")
+    original = random.initialize_rng_tracker
+    tracker_class = _cpu_rng_tracker_class()
+
+    def initialize_rng_tracker(*args, **kwargs):
+        original(*args, **kwargs)
+        if not isinstance(random._CUDA_RNG_STATE_TRACKER, tracker_class):
+            random._CUDA_RNG_STATE_TRACKER = tracker_class()
+
+    initialize_rng_tracker.__wrapped__ = original
+    random.initialize_rng_tracker = initialize_rng_tracker
+
+
+def _patch_current_device():
+    for name in ("megatron.core.models.common.embeddings.rotary_pos_embedding", "megatron.core.utils",
+                 "megatron.core.distributed.param_and_grad_buffer",
+                 "megatron.core.distributed.distributed_data_parallel"):
+        _target(name, "torch").torch = _CpuTorch("torch")
+
+
+def _patch_causal_mask():
+    fused = _target("megatron.core.fusions.fused_softmax", "get_default_causal_mask")
+
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.ones(sq, sq, dtype=torch.bool).triu(diagonal=1)
+
+    fused.get_default_causal_mask = get_default_causal_mask
+
+
+def _patch_cp_rope_slicing():
+    def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+        if cp_group is None:
+            raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+        return shard_sequence(pos_emb, seq_dim, cp_group.rank(), cp_group.size(), "zigzag")
+
+    for name in ("megatron.core.models.common.embeddings.rope_utils",
+                 "megatron.core.models.common.embeddings.rotary_pos_embedding",
+                 "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding"):
+        setattr(_target(name, "get_pos_emb_on_this_cp_rank"), "get_pos_emb_on_this_cp_rank",
+                get_pos_emb_on_this_cp_rank)
+
+
+def enable_cpu_runtime() -> bool:
+    """Apply the CPU patches once; returns True when they are active (no CUDA)."""
+    if torch.cuda.is_available():
+        return False
+    if not _APPLIED:
+        for patch in (_patch_rng_tracker, _patch_current_device, _patch_causal_mask, _patch_cp_rope_slicing):
+            patch()
+        _APPLIED.append(True)
+    return True

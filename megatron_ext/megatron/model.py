@@ -1,0 +1,34 @@
+"""Build megatron-core's GPTModel with context-parallel attention and extended RoPE."""
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.models.gpt import GPTModel
+
+from ..rope import LongContextRotaryEmbedding, RopeConfig, attention_scale_factor
+from .specs import get_gpt_layer_cp_spec
+
+
+def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, rope: Optional[RopeConfig] = None,
+                    layer_spec=None, **gpt_kwargs) -> GPTModel:
+    """GPTModel whose layers use :class:`ContextParallelAttention` and whose rotary
+    embedding is :class:`LongContextRotaryEmbedding` (fp64-reduced angles, any
+    extension in ``rope``). Other keyword arguments go to ``GPTModel``.
+
+    YaRN also scales attention logits: set ``config.softmax_scale`` to
+    ``attention_scale_factor(rope) / sqrt(kv_channels)``; a mismatch raises.
+    """
+    rope = rope or RopeConfig()
+    factor = attention_scale_factor(rope)
+    if factor != 1.0:
+        want = factor / config.kv_channels ** 0.5
+        if config.softmax_scale is None or abs(config.softmax_scale - want) > 1e-9 * want:
+            raise ValueError(f"YaRN with factor {rope.factor} needs TransformerConfig.softmax_scale={want:.6g} "
+                             f"(temperature {factor:.4f} / sqrt(kv_channels)); got {config.softmax_scale}")
+    model = GPTModel(config, layer_spec or get_gpt_layer_cp_spec(), vocab_size=vocab_size,
+                     max_sequence_length=max_sequence_length, position_embedding_type="rope",
+                     rotary_base=int(rope.base), **gpt_kwargs)
+    # GPTModel builds its rotary module in __init__ with no hook to choose the class; swap in ours,
+    # on the same CP group.
+    model.rotary_pos_emb = LongContextRotaryEmbedding(config.kv_channels, rope, cp_group=model.rotary_pos_emb.cp_group)
+    return model

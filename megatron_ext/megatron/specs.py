@@ -1,0 +1,37 @@
+"""Layer specs that put :class:`ContextParallelAttention` into megatron-core's GPT layers.
+
+Megatron-LM: ``--spec megatron_ext.megatron.specs get_gpt_layer_cp_spec``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .core_attention import ContextParallelAttention
+
+
+def _with_core_attention(layer_spec: ModuleSpec) -> ModuleSpec:
+    """A copy of ``layer_spec`` whose self-attention uses ContextParallelAttention."""
+    attn = layer_spec.submodules.self_attention
+    attn_subs = dataclasses.replace(attn.submodules, core_attention=ContextParallelAttention)
+    layer_subs = dataclasses.replace(layer_spec.submodules,
+                                     self_attention=dataclasses.replace(attn, submodules=attn_subs))
+    return dataclasses.replace(layer_spec, submodules=layer_subs)
+
+
+def get_gpt_layer_cp_spec(num_experts=None, moe_grouped_gemm=False, qk_layernorm=False,
+                          normalization=None, use_transformer_engine=False, **kwargs) -> ModuleSpec:
+    """megatron-core's local GPT layer spec with context-parallel core attention.
+
+    ``use_transformer_engine=True`` starts from the TE layer spec instead (TE
+    linears and norms, our attention); it needs TransformerEngine and is not
+    exercised by CI. Other keyword arguments go to the underlying spec builder.
+    """
+    args = dict(num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, qk_layernorm=qk_layernorm, **kwargs)
+    if use_transformer_engine:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return _with_core_attention(get_gpt_layer_with_transformer_engine_spec(**args))
+    return _with_core_attention(get_gpt_layer_local_spec(normalization=normalization, **args))
