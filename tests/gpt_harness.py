@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel as DDP
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -28,6 +30,7 @@ def build_model(tp: int, cp: int, cp_comm_type, spec: str = "cp", rope: RopeConf
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
         use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
         tensor_model_parallel_size=tp, context_parallel_size=cp, cp_comm_type=cp_comm_type,
+        calculate_per_token_loss=True,  # mcore DDP then sums grads over DP x CP, as cp_masked_loss needs
     )
     torch.manual_seed(1234)  # same full weights for every TP/CP layout (CPU init splits a master copy)
     if spec == "mcore":
@@ -52,7 +55,7 @@ def full_grads(model, tp_group) -> dict:
     out = {}
     tp = dist.get_world_size(tp_group)
     for name, p in model.named_parameters():
-        g = p.grad.detach().clone()
+        g = (p.main_grad if hasattr(p, "main_grad") else p.grad).detach().clone()
         if tp > 1 and getattr(p, "tensor_model_parallel", False):
             parts = [torch.empty_like(g) for _ in range(tp)]
             dist.all_gather(parts, g.contiguous(), group=tp_group)
@@ -61,14 +64,22 @@ def full_grads(model, tp_group) -> dict:
     return out
 
 
-def run_step(model, batch) -> dict:
+def run_step(model, batch, ddp: bool = False) -> dict:
+    """One forward/backward; gradients summed over DP x CP by megatron-core's DDP
+    (``ddp``) or by :func:`reduce_gradients`."""
     cp_group = parallel_state.get_context_parallel_group()
     local = get_batch_on_this_cp_rank(batch, cp_group)
-    per_token = model(local["tokens"], local["position_ids"], None, labels=local["labels"])
     dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if ddp:
+        model = DDP(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    per_token = model(local["tokens"], local["position_ids"], None, labels=local["labels"])
     loss, reported, count = cp_masked_loss(per_token, local["loss_mask"], dp_cp)
     loss.backward()
-    reduce_gradients(model.parameters(), dp_cp)
+    if ddp:
+        model.finish_grad_sync()
+        model = model.module
+    else:
+        reduce_gradients(model.parameters(), dp_cp)
     cp_rank, cp_size = cp_group.rank(), cp_group.size()
     return {"per_token": per_token.detach(), "positions": position_ids(SEQ, cp_rank, cp_size),
             "loss": reported.item(), "count": count.item(),
@@ -76,7 +87,7 @@ def run_step(model, batch) -> dict:
 
 
 def gpt_worker(rank, world_size, tp, cp, comm_types, spec="cp", masked_cp_rank=None, rope=None, save_to=None,
-               load_from=None):
+               load_from=None, ddp=False):
     """Run one step per cp_comm_type; returns {comm_type: results}. ``save_to``
     writes the initial model state_dict (rank 0); ``load_from`` loads one first."""
     enable_cpu_runtime()
@@ -95,7 +106,7 @@ def gpt_worker(rank, world_size, tp, cp, comm_types, spec="cp", masked_cp_rank=N
                 model.load_state_dict(torch.load(load_from, weights_only=False))
             if save_to and rank == 0:
                 torch.save(model.state_dict(), save_to)
-            results[comm_type] = run_step(model, make_batch(masked_cp_rank, cp))
+            results[comm_type] = run_step(model, make_batch(masked_cp_rank, cp), ddp)
         return results
     finally:
         parallel_state.destroy_model_parallel()

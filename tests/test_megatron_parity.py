@@ -60,6 +60,12 @@ def test_gpt_parity_with_megatron_reference(tp, cp, comm_types):
         assert_matches(reference(), [r[comm_type] for r in results])
 
 
+def test_megatron_ddp_reduces_over_dp_and_cp():
+    # 4 ranks as DP = 2 x CP = 2: megatron-core's DDP sums the gradients over DP x CP on gloo.
+    results = spawn_ranks(gpt_worker, 4, (1, 2, ["p2p"], "cp", None, None, None, None, True), timeout_s=60)
+    assert_matches(reference(), [r["p2p"] for r in results])
+
+
 def test_rank_with_all_tokens_masked():
     results = spawn_ranks(gpt_worker, 2, (1, 2, ["p2p"], "cp", 1), timeout_s=60)
     ref = spawn_ranks(_masked_ref_worker, 1, (1, 2), timeout_s=60)[0]  # same global mask, one rank
