@@ -19,6 +19,7 @@ setup(
         "matplotlib",
         "pyyaml",
         "einops",  # megatron-core needs it for hierarchical CP groups (a2a+p2p)
+        "orjson",  # 3x faster JSON parsing in data_tools.preprocess
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

@@ -1,0 +1,118 @@
+"""Shared pieces of the data tools: input reading, tokenizer loading, atomic writes."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import sys
+from typing import Iterator, List, Sequence, Tuple
+
+
+class DataError(Exception):
+    """Bad input, with its place: ``FILE:LINE: reason``."""
+
+    def __init__(self, path: str, line: int, reason: str):
+        super().__init__(f"{path}:{line}: {reason}")
+        self.path, self.line, self.reason = path, line, reason
+
+
+def open_binary(path: str):
+    """Open a plain or ``.gz`` file for binary reading."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def iter_lines(paths: Sequence[str]) -> Iterator[Tuple[str, int, bytes]]:
+    """(path, 1-based line number, raw line without newline) across files, in order."""
+    for path in paths:
+        with open_binary(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                yield path, lineno, raw.rstrip(b"\r\n")
+
+
+def iter_texts(paths: Sequence[str], key: str = "text") -> Iterator[Tuple[int, str]]:
+    """(document index across files, text) from JSONL (``key``) or plain text files
+    (``.txt``/``.txt.gz``/``changelog*``: each file is one document)."""
+    doc = 0
+    for path in paths:
+        if path.endswith(".jsonl") or path.endswith(".jsonl.gz") or path.endswith(".json"):
+            for _, lineno, raw in iter_lines([path]):
+                if not raw.strip():
+                    continue
+                try:
+                    text = json.loads(raw)[key]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise DataError(path, lineno, f"cannot read key {key!r}: {e}") from e
+                yield doc, text
+                doc += 1
+        else:
+            with open_binary(path) as f:
+                yield doc, f.read().decode("utf-8", errors="replace")
+            doc += 1
+
+
+def load_tokenizer(path: str):
+    """A sentencepiece processor, with a clear error for a missing or broken model."""
+    import sentencepiece as spm
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: tokenizer model not found (train one with python -m data_tools.tokenizer train)")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(path)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a sentencepiece model ({e})") from e
+    return sp
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp name and rename."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class JsonlWriter:
+    """Write JSON lines to a temp file; ``commit()`` renames it into place."""
+
+    def __init__(self, path: str):
+        self.path, self.tmp = path, f"{path}.tmp.{os.getpid()}"
+        self.f = io.open(self.tmp, "w", encoding="utf-8")
+        self.count = 0
+
+    def write(self, obj) -> None:
+        self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def commit(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def progress(total=None, unit="doc", desc=""):
+    """A tqdm bar on a terminal (stderr), silent otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def parse_int_list(text: str) -> List[int]:
+    """'1k,2k,200k' or '1000,2000' -> [1000, 2000, ...] (k = 1000, K/Ki = 1024 not used)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        mult = 1000 if item.endswith("k") else 1
+        out.append(int(float(item.rstrip("k")) * mult))
+    return out

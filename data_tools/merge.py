@@ -1,0 +1,60 @@
+"""Concatenate indexed datasets into one (int64 pointers: no overflow past 4 GB).
+
+    python -m data_tools.merge --inputs P1 P2 ... --output-prefix P
+
+Inputs must share a dtype; each is validated first. Output is written to
+temp names and renamed, .idx last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from .common import atomic_write
+from .indexed import IndexError_, index_bytes, read_index
+from .validate import validate
+
+
+def merge(inputs, output_prefix: str) -> dict:
+    indexes = []
+    for prefix in inputs:
+        validate(prefix)
+        indexes.append(read_index(prefix))
+    dtypes = {ix.dtype for ix in indexes}
+    if len(dtypes) != 1:
+        raise IndexError_(f"inputs have different dtypes: {[(p, ix.dtype.__name__) for p, ix in zip(inputs, indexes)]}")
+    tmp = f"{output_prefix}.bin.tmp.{os.getpid()}"
+    with open(tmp, "wb") as out:
+        for prefix in inputs:
+            with open(prefix + ".bin", "rb") as f:
+                shutil.copyfileobj(f, out, 16 << 20)
+    lengths = np.concatenate([ix.lengths for ix in indexes]) if indexes else np.zeros(0, np.int32)
+    os.replace(tmp, output_prefix + ".bin")
+    atomic_write(output_prefix + ".idx", index_bytes(dtypes.pop(), lengths))
+    return {"documents": len(lengths), "tokens": int(lengths.astype(np.int64).sum())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_tools.merge", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--inputs", nargs="+", required=True)
+    ap.add_argument("--output-prefix", required=True)
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    try:
+        res = merge(args.inputs, args.output_prefix)
+    except IndexError_ as e:
+        print(f"merge: {e}", file=sys.stderr)
+        return 1
+    print(f"merge: {len(args.inputs)} inputs -> {args.output_prefix}: {res['documents']} documents, "
+          f"{res['tokens']} tokens in {time.monotonic() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Needle-in-a-haystack and passkey samples, for evaluation and retrieval SFT.
+
+``needle``: haystack text cut to a token length, a needle sentence inserted at
+a sentence boundary at a depth percentage, the question after it. ``passkey``:
+the usual repeated filler with "The pass key is N." as the needle. Each
+sample: ``{"prompt", "response", "meta": {"task", "length", "depth", "answer",
+"n_tokens"}}``, and the prompt fits ``length`` tokens.
+"""
+from __future__ import annotations
+
+import random
+import re
+from typing import List, Tuple
+
+from .fit import largest_fitting
+
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def needle_for(kind: str, rng: random.Random) -> Tuple[str, str, str]:
+    """(needle sentence, question, answer)."""
+    if kind == "passkey":
+        key = str(rng.randrange(10000, 100000))
+        return (f"The pass key is {key}. Remember it. {key} is the pass key. ",
+                "What is the pass key? The pass key is", key)
+    number = str(rng.randrange(1_000_000, 10_000_000))
+    return (f"The special magic number is {number}. ",
+            "What is the special magic number mentioned in the text above? The special magic number is", number)
+
+
+def insert_at_depth(haystack: str, needle: str, depth: float) -> str:
+    """Put ``needle`` at the sentence boundary closest to ``depth`` percent of the text."""
+    if not haystack:
+        return needle
+    target = len(haystack) * depth / 100.0
+    cuts = [0] + [m.end() for m in _SENTENCE_END.finditer(haystack)] + [len(haystack)]
+    cut = min(cuts, key=lambda c: abs(c - target))
+    glue = "" if cut == 0 or haystack[cut - 1].isspace() else " "
+    return haystack[:cut] + glue + needle + haystack[cut:]
+
+
+def make_prompt(context: str, question: str) -> str:
+    return f"{context.strip()}\n\n{question}"
+
+
+def needle_sample(haystack: str, kind: str, length: int, depth: float, count_tokens, rng: random.Random) -> dict:
+    """One sample of at most ``length`` tokens, as much haystack as fits."""
+    needle, question, ans = needle_for(kind, rng)
+    source = haystack if kind == "needle" else PASSKEY_FILLER
+    reps = 1 + (length * 8) // max(1, len(source))  # enough text: > 8 chars per token is rare
+    text = (source * reps) if kind == "passkey" or len(source) < length * 8 else source
+
+    def build(n_chars: int) -> str:
+        return make_prompt(insert_at_depth(text[:n_chars], needle, depth), question)
+
+    n, prompt, tokens = largest_fitting(build, count_tokens, 0, len(text), length, guess=length * 3)
+    return {"prompt": prompt, "response": ans,
+            "meta": {"task": kind, "length": length, "depth": depth, "answer": ans, "n_tokens": tokens,
+                     "haystack_chars": n}}
+
+
+def parse_depths(text: str) -> List[float]:
+    """'0:100:10' -> 0, 10, ..., 100 (stop included); '0,50,100' -> those."""
+    if ":" in text:
+        start, stop, step = (float(x) for x in text.split(":"))
+        out, v = [], start
+        while v <= stop + 1e-9:
+            out.append(round(v, 6))
+            v += step
+        return out
+    return [float(x) for x in text.split(",")]

@@ -1,0 +1,76 @@
+"""Check a Megatron indexed dataset for corruption.
+
+    python -m data_tools.validate PREFIX [--tokenizer-model M]
+
+Checks the .idx header (magic, version, dtype), that its arrays fit its size,
+that the .bin size matches the pointers and lengths, that document indices
+are monotonic, and, given a tokenizer, that every id is below its vocabulary.
+Exits 1 with a message naming the file on any problem.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from .common import load_tokenizer
+from .indexed import IndexError_, read_index
+
+CHUNK_TOKENS = 1 << 24
+
+
+def validate(prefix: str, vocab_size: int = None) -> dict:
+    """Return {"documents", "tokens"} or raise IndexError_ naming the problem."""
+    idx = read_index(prefix)
+    bin_path = prefix + ".bin"
+    if not os.path.exists(bin_path):
+        raise IndexError_(f"{bin_path}: missing")
+    if (idx.lengths < 0).any():
+        raise IndexError_(f"{idx.path}: negative sequence length at {int(np.argmax(idx.lengths < 0))}")
+    itemsize = np.dtype(idx.dtype).itemsize
+    n = len(idx.lengths)
+    if n:
+        expected = np.concatenate([[0], np.cumsum(idx.lengths[:-1].astype(np.int64) * itemsize)])
+        bad = np.nonzero(idx.pointers != expected)[0]
+        if len(bad):
+            raise IndexError_(f"{idx.path}: pointer of sequence {bad[0]} is {idx.pointers[bad[0]]}, "
+                              f"lengths say {expected[bad[0]]}")
+    total = int(idx.lengths.astype(np.int64).sum()) * itemsize
+    size = os.path.getsize(bin_path)
+    if size != total:
+        raise IndexError_(f"{bin_path}: {size} bytes, the index describes {total} (truncated or extra data)")
+    docs = idx.documents
+    if len(docs) == 0 or docs[0] != 0 or docs[-1] != n or (np.diff(docs) < 0).any():
+        raise IndexError_(f"{idx.path}: document indices must rise from 0 to {n}; got "
+                          f"{docs[:3].tolist()}...{docs[-3:].tolist()}")
+    if vocab_size is not None:
+        data = np.memmap(bin_path, dtype=idx.dtype, mode="r")
+        for start in range(0, len(data), CHUNK_TOKENS):
+            block = data[start:start + CHUNK_TOKENS]
+            over = np.nonzero((block >= vocab_size) | (block < 0))[0]
+            if len(over):
+                pos = start + int(over[0])
+                raise IndexError_(f"{bin_path}: token {pos} is id {int(data[pos])}, outside vocabulary {vocab_size}")
+    return {"documents": len(docs) - 1, "tokens": total // itemsize}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_tools.validate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("prefix", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
+    ap.add_argument("--tokenizer-model", help="also check ids against this vocabulary")
+    args = ap.parse_args(argv)
+    try:
+        vocab = load_tokenizer(args.tokenizer_model).vocab_size() if args.tokenizer_model else None
+        res = validate(args.prefix, vocab)
+    except (IndexError_, FileNotFoundError, ValueError) as e:
+        print(f"validate: FAILED: {e}", file=sys.stderr)
+        return 1
+    print(f"validate: OK {args.prefix}: {res['documents']} documents, {res['tokens']} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

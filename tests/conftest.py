@@ -1,0 +1,53 @@
+"""Shared fixtures: a small corpus of generated English-like text and a
+sentencepiece tokenizer trained on it (nothing is downloaded)."""
+import json
+import random
+
+import pytest
+
+WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or had "
+         "not but have they one their all there would when who will more no if out so said what up its about "
+         "into than them can only other new some could time these two may then do first any my now such like "
+         "our over man me even most made after also did many before must through back years where much your way "
+         "well down should because each just those people how too little state good very make world still own "
+         "see men work long get here between both life being under never day same another know while last might "
+         "us great old year off come since against go came right used take three river harbour engine lantern").split()
+
+
+def make_docs(n, seed=0, min_sentences=3, max_sentences=40):
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sentences = []
+        for _ in range(rng.randint(min_sentences, max_sentences)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 16))]
+            sentences.append(" ".join(words).capitalize() + rng.choice([".", ".", "!", "?"]))
+        docs.append(" ".join(sentences) + ("\n" if rng.random() < 0.3 else ""))
+    return docs
+
+
+def write_jsonl(path, docs, key="text"):
+    with open(path, "w") as f:
+        for d in docs:
+            f.write(json.dumps({key: d}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return write_jsonl(root / "docs.jsonl", make_docs(300))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus, tmp_path_factory):
+    from data_tools.tokenizer import train
+
+    return train([corpus], 600, str(tmp_path_factory.mktemp("tok") / "tok"))
+
+
+@pytest.fixture(scope="session")
+def sp(tokenizer):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=tokenizer)
