@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -64,8 +65,12 @@ def main(argv=None) -> int:
     t.add_argument("--sample-bytes", type=int, default=200_000_000, help="cap on training text (bytes)")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
-    path = train(args.input, args.vocab_size, args.output_prefix, args.model_type, args.json_key,
-                 args.sample_bytes)
+    try:
+        path = train(args.input, args.vocab_size, args.output_prefix, args.model_type, args.json_key,
+                     args.sample_bytes)
+    except (RuntimeError, ValueError, FileNotFoundError) as e:  # sentencepiece reports bad settings as RuntimeError
+        print(f"tokenizer: {e}", file=sys.stderr)
+        return 2
     print(f"tokenizer: wrote {path} ({args.model_type}, vocab {args.vocab_size}) in {time.monotonic() - t0:.1f}s")
     return 0
 
