@@ -23,7 +23,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+from . import megatron as _quiet_megatron_imports  # noqa: F401  (filters mcore's missing-extras notices)
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding  # noqa: E402
 
 SCALINGS = ("none", "abf", "linear", "ntk", "yarn")
 

@@ -1,0 +1,237 @@
+"""Training configuration: dataclasses with a docstring per field, loaded from
+YAML, overridden with ``--set a.b=c``; unknown keys are errors that name them."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from ..rope import RopeConfig
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split. DP is derived: world / (TP * PP * CP)."""
+
+    tensor_model_parallel_size: int = 1
+    """TP degree."""
+    pipeline_model_parallel_size: int = 1
+    """PP degree (only 1 is supported)."""
+    context_parallel_size: int = 1
+    """CP degree: ranks that share one sequence."""
+    cp_comm_type: str = "p2p"
+    """p2p (ring), all_gather, a2a (Ulysses) or a2a+p2p (hybrid)."""
+    ulysses_size: int = 1
+    """Ulysses degree inside CP for a2a+p2p (the ring degree is CP / this)."""
+
+
+@dataclass
+class ModelConfig:
+    """GPT shape and position embedding."""
+
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    """Model width."""
+    ffn_hidden_size: int = 256
+    """MLP width."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: int = 2
+    """KV heads (GQA)."""
+    vocab_size: int = 0
+    """Padded vocabulary; 0 takes the tokenizer's size."""
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    """Rotary embedding and its context extension."""
+    init_method_std: float = 0.02
+    """Std of the weight initialisation."""
+    swiglu: bool = False
+    """Gated SiLU MLP (LLaMA/Skywork style: three ffn matrices)."""
+    normalization: str = "LayerNorm"
+    """LayerNorm or RMSNorm."""
+    add_bias_linear: bool = True
+    """Biases in the linear layers (LLaMA/Skywork: none)."""
+    untie_embeddings: bool = False
+    """Separate input embedding and output layer weights."""
+
+
+@dataclass
+class DataConfig:
+    """What to train on."""
+
+    blend: List[Any] = field(default_factory=list)
+    """[weight, prefix, weight, prefix, ...] of ``*_text_document`` prefixes (without the suffix)."""
+    tokenizer_model: str = ""
+    """sentencepiece .model used to build the data."""
+    seq_length: int = 1024
+    """Tokens per sample (global, before CP sharding); must divide by 2 * CP."""
+    sft: bool = False
+    """Use the ``_loss_mask_document`` alongside the tokens (loss on response tokens only)."""
+    split: str = "100,0,0"
+    """train,valid,test document split."""
+    cache_dir: str = ""
+    """Where GPTDataset caches its indices (default: next to the checkpoints)."""
+    seed: int = 1234
+    """Sample order seed."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Final learning rate."""
+    warmup_iters: int = 10
+    """Linear warmup iterations."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    clip_grad: float = 1.0
+    """Global grad-norm clip (0: off)."""
+    micro_batch_size: int = 1
+    """Samples per rank per micro step."""
+    global_batch_size: int = 2
+    """Samples per optimizer step over all DP ranks."""
+    train_iters: int = 20
+    """Optimizer steps in this stage."""
+
+
+@dataclass
+class CheckpointConfig:
+    """torch.distributed.checkpoint folders ``save_dir/step-N``."""
+
+    save_dir: str = "runs/tiny"
+    """Checkpoints, logs and wandb files go here."""
+    save_interval: int = 10
+    """Save every N iterations (and at the end, and on SIGTERM)."""
+    keep_last: int = 2
+    """Complete checkpoints kept."""
+    init_from: str = ""
+    """A previous stage's save_dir (or step folder): load the weights only, start at iteration 0."""
+
+
+@dataclass
+class LoggingConfig:
+    """What rank 0 reports."""
+
+    log_interval: int = 1
+    """Print a Megatron-style line every N iterations."""
+    wandb: bool = True
+    """Log to wandb; offline unless WANDB_MODE says otherwise."""
+    wandb_project: str = "megatron-ext"
+    """Default project (WANDB_PROJECT wins)."""
+    tensorboard: bool = False
+    """Also write TensorBoard events (needs the tensorboard package)."""
+
+
+@dataclass
+class FaultConfig:
+    """Non-finite losses."""
+
+    max_consecutive_nonfinite: int = 3
+    """Stop after this many non-finite steps in a row (each one is skipped)."""
+    inject_nan_at: List[int] = field(default_factory=list)
+    """Testing aid: make the loss NaN at these iterations."""
+
+
+@dataclass
+class TrainConfig:
+    """One stage of the LongSkywork recipe."""
+
+    stage: str = "pretrain"
+    """pretrain, sft or long_sft."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    """Fault handling."""
+    precision: str = "auto"
+    """fp32, bf16, or auto (fp32 on CPU, bf16 on GPU)."""
+    recompute: bool = False
+    """Full activation recomputation of every layer."""
+    seed: int = 1234
+    """Model init seed."""
+    expected: str = ""
+    """What a user should expect from this config (free text, printed at start)."""
+
+
+def _build(cls, data: Dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config keys {[f'{where}{k}' for k in unknown]}; "
+                         f"{where or 'top level'} takes {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
+        kwargs[name] = _build(type(default), value, f"{where}{name}.") if dataclasses.is_dataclass(default) else value
+    return cls(**kwargs)
+
+
+def _set(tree: Dict[str, Any], dotted: str, raw: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: Optional[str], overrides: List[str] = ()) -> TrainConfig:
+    """YAML file plus ``key.path=value`` overrides -> a validated-shape TrainConfig."""
+    tree = {}
+    if path:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set needs key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set(tree, key.strip(), raw)
+    return _build(TrainConfig, tree, "")
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
+    """Check the layout against the world size; returns the derived sizes."""
+    p = cfg.parallel
+    if cfg.stage not in ("pretrain", "sft", "long_sft"):
+        raise ValueError(f"stage {cfg.stage!r} is not one of pretrain, sft, long_sft")
+    if p.pipeline_model_parallel_size != 1:
+        raise ValueError("pipeline_model_parallel_size must be 1 (pipeline parallelism is not supported yet)")
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(f"TP x PP x CP = {p.tensor_model_parallel_size} x {p.pipeline_model_parallel_size} x "
+                         f"{p.context_parallel_size} = {model_parallel} does not divide the world size {world_size}")
+    dp = world_size // model_parallel
+    if cfg.data.seq_length % (2 * p.context_parallel_size):
+        raise ValueError(f"data.seq_length {cfg.data.seq_length} must divide by 2 x CP = {2 * p.context_parallel_size}")
+    if p.cp_comm_type == "a2a+p2p" and p.context_parallel_size % p.ulysses_size:
+        raise ValueError(f"ulysses_size {p.ulysses_size} must divide CP {p.context_parallel_size}")
+    per_step = cfg.optim.micro_batch_size * dp
+    if cfg.optim.global_batch_size % per_step:
+        raise ValueError(f"global_batch_size {cfg.optim.global_batch_size} must be a multiple of "
+                         f"micro_batch_size x DP = {per_step}")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision {cfg.precision!r} is not auto, fp32 or bf16")
+    return {"dp": dp, "grad_accum": cfg.optim.global_batch_size // per_step}

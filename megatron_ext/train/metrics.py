@@ -1,0 +1,104 @@
+"""Rank 0's iteration line, wandb (offline unless WANDB_MODE says otherwise),
+optional TensorBoard, and a tqdm bar on a terminal."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .config import to_dict
+
+
+def flops_per_token(cfg, vocab_size: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward):
+
+        3 * [2 * L * (attn_proj + mlp) + 2 * h * V + 2 * L * S * h]
+
+    attn_proj = h*(h + 2*kv) + h*h (QKV and output), mlp = 2*h*ffn (fc1/fc2, no
+    gated linear unit), the logit layer, and causal attention scores/values at an
+    average of S/2 keys per query (QK^T and AV: 2 * 2 * h * S/2). Recomputation
+    adds one more forward, which this figure does not count (it is model FLOPs).
+    """
+    m, s = cfg.model, cfg.data.seq_length
+    h, layers = m.hidden_size, m.num_layers
+    kv = h // m.num_attention_heads * m.num_query_groups
+    dense = h * (h + 2 * kv) + h * h + 2 * h * m.ffn_hidden_size
+    return 3.0 * (2 * layers * dense + 2 * h * vocab_size + 2 * layers * s * h)
+
+
+class MetricsLogger:
+    """Prints (rank 0), appends metrics.jsonl, and feeds wandb/TensorBoard."""
+
+    def __init__(self, cfg, rank: int, world: int, flops_token: float):
+        self.cfg, self.rank, self.world, self.flops_token = cfg, rank, world, flops_token
+        self.wandb = self.tb = self.bar = None
+        if rank != 0:
+            return
+        os.makedirs(cfg.checkpoint.save_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(cfg.checkpoint.save_dir, "metrics.jsonl"), "a")
+        if cfg.logging.wandb:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", cfg.logging.wandb_project),
+                                    dir=cfg.checkpoint.save_dir, config=to_dict(cfg), name=cfg.stage, reinit=True)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(cfg.checkpoint.save_dir, "tensorboard"))
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.optim.train_iters, desc=cfg.stage, unit="it")
+
+    def info(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"[{self.cfg.stage}] {text}", flush=True)
+
+    def iteration(self, state, out: dict, seconds: float, lr: float) -> None:
+        if self.rank != 0:
+            return
+        import torch
+
+        tokens_per_rank = out["tokens"] / self.world  # unmasked tokens are what the loss sees
+        seq_tokens = self.cfg.optim.global_batch_size * self.cfg.data.seq_length / self.world
+        peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss()) / 2**20
+        rec = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "ms_per_iter": 1000 * seconds,
+               "tokens_per_s_per_rank": seq_tokens / seconds, "tflops_per_rank": seq_tokens * self.flops_token / seconds / 1e12,
+               "lr": lr, "loss": out["loss"], "grad_norm": out["grad_norm"], "skipped": state.skipped_iterations,
+               "nan": 0 if out["finite"] else 1, "peak_mem_mib": peak, "loss_tokens_per_rank": tokens_per_rank}
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+        if self.wandb:
+            self.wandb.log(rec, step=state.iteration)
+        if self.tb:
+            for k, v in rec.items():
+                self.tb.add_scalar(k, v, state.iteration)
+        if self.bar:
+            self.bar.update(1)
+        if state.iteration % self.cfg.logging.log_interval == 0:
+            print(f" [{self.cfg.stage}] iteration {state.iteration:6d}/{self.cfg.optim.train_iters} | consumed samples: "
+                  f"{state.consumed_samples} | elapsed time per iteration (ms): {rec['ms_per_iter']:.1f} | tokens/s/rank: "
+                  f"{rec['tokens_per_s_per_rank']:.0f} | TFLOP/s/rank: {rec['tflops_per_rank']:.4f} | learning rate: "
+                  f"{lr:.3E} | lm loss: {out['loss']:.6E} | grad norm: {out['grad_norm']:.3f} | skipped iterations: "
+                  f"{state.skipped_iterations} | nan iterations: {rec['nan']} | peak memory (MiB): {peak:.0f}", flush=True)
+
+    def close(self) -> None:
+        if self.rank != 0:
+            return
+        self.jsonl.close()
+        if self.bar:
+            self.bar.close()
+        if self.wandb:
+            self.wandb.finish()
+        if self.tb:
+            self.tb.close()
+
+
+def _peak_rss() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024.0
+    return 0.0
