@@ -1,45 +1,141 @@
-"""``make demo``: exact context-parallel attention on 4 gloo processes.
+"""``make demo``: the whole LongSkywork pipeline, small, on this machine's CPUs.
 
-Runs ring and all-gather attention over a sequence split zigzag across 4
-ranks and prints, for out, dq, dk and dv, the worst absolute error of any
-rank's shard against a float64 dense reference of the full sequence.
-(The full LongSkywork pipeline replaces this demo when the training driver lands.)
+1. CP attention exactness on 4 gloo ranks (float64 reference).
+2. A real corpus (Debian changelogs from /usr/share/doc) -> sentencepiece tokenizer.
+3. CIP pretraining samples and SynL SFT samples -> Megatron indexed binaries.
+4. The three stages (pretrain with RoPE ABF, sft, long_sft) with CP=2 ring
+   attention x DP=2 on 4 gloo processes, each stage starting from the last.
+5. Tokens/s per rank at CP=1 vs CP=2, same sequence length.
+6. A report: runs/demo/report.md and loss curves in runs/demo/losses.png.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import gzip
+import json
+import os
+import subprocess
+import sys
 import time
 
-from .attention.exactness import Case, exactness_worker
-from .distributed import spawn_ranks
+ROOT = "runs/demo"
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "configs")
 
-TENSORS = ("out", "dq", "dk", "dv")
+
+def sh(*args, quiet=False) -> str:
+    """Run a tool; show its summary line; stop the demo with its stderr on failure."""
+    res = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+    if res.returncode:
+        sys.stderr.write(res.stdout[-3000:] + res.stderr[-5000:])
+        raise SystemExit(f"demo: step failed: {' '.join(args[:2])}")
+    if not quiet:
+        lines = [line for line in res.stdout.splitlines() if line.strip()]
+        print("   " + (lines[-1] if lines else ""))
+    return res.stdout
+
+
+def corpus(path: str, max_docs: int = 400, max_chars: int = 30_000) -> int:
+    files = sorted(glob.glob("/usr/share/doc/*/changelog*.gz"))
+    if len(files) < 50:
+        raise SystemExit("demo: needs Debian's /usr/share/doc/*/changelog*.gz (found fewer than 50 files)")
+    with open(path, "w") as out:
+        for f in files[:max_docs]:
+            out.write(json.dumps({"text": gzip.open(f, "rt", errors="replace").read()[:max_chars]}) + "\n")
+    return min(len(files), max_docs)
+
+
+def torchrun(config: str, nproc: int, sets) -> str:
+    cmd = ["torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+           "localhost:0", "-m", "megatron_ext.train", "--config", os.path.join(CONFIGS, config)]
+    for s in sets:
+        cmd += ["--set", s]
+    out = sh(*cmd, quiet=True)
+    iters = [line.strip() for line in out.splitlines() if "iteration" in line and "lm loss" in line]
+    print("   " + (iters[-1][:200] if iters else "(no iteration line)"))
+    return out
+
+
+def data(tok: str) -> None:
+    d = f"{ROOT}/data"
+    sh("data_tools.synth", "cip", "--input", f"{ROOT}/docs.jsonl", "--output", f"{d}/cip.jsonl", "--target-tokens",
+       "2048", "--tokenizer-model", tok, "--seed", "0", "--num-samples", "48")
+    for name, tokens, n in (("synl_short", 1000, 48), ("synl_long", 2000, 24)):
+        sh("data_tools.synth", "synl", "--output", f"{d}/{name}.jsonl", "--num-samples", str(n), "--target-tokens",
+           str(tokens), "--tokenizer-model", tok, "--seed", "1")
+    sh("data_tools.preprocess", "--input", f"{d}/cip.jsonl", "--output-prefix", f"{d}/cip", "--tokenizer-model", tok,
+       "--append-eod")
+    for name in ("synl_short", "synl_long"):
+        sh("data_tools.preprocess", "--input", f"{d}/{name}.jsonl", "--output-prefix", f"{d}/{name}",
+           "--tokenizer-model", tok, "--sft")
+
+
+def throughput(tok_sets) -> dict:
+    """tokens/s per rank of 6 pretrain iterations at CP=1 and CP=2 (4 ranks, 2048 tokens)."""
+    out = {}
+    for cp in (1, 2):
+        save = f"{ROOT}/throughput_cp{cp}"
+        torchrun("tiny_cpu_pretrain.yaml", 4, tok_sets + [f"parallel.context_parallel_size={cp}", "optim.train_iters=6",
+                                                         f"checkpoint.save_dir={save}", "checkpoint.save_interval=100",
+                                                         "logging.log_interval=1"])
+        recs = [json.loads(line) for line in open(f"{save}/metrics.jsonl")][2:]  # skip warm-up iterations
+        out[cp] = sum(r["tokens_per_s_per_rank"] for r in recs) / len(recs)
+    return out
+
+
+def report(stages, speed, seconds) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5))
+    lines = ["# megatron-ext demo", "", "| stage | iterations | first loss | final loss |", "|---|---|---|---|"]
+    for ax, stage in zip(axes, stages):
+        recs = [json.loads(line) for line in open(f"{ROOT}/{stage}/metrics.jsonl")]
+        ax.plot([r["iteration"] for r in recs], [r["loss"] for r in recs])
+        ax.set_title(stage)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        lines.append(f"| {stage} | {recs[-1]['iteration']} | {recs[0]['loss']:.4f} | {recs[-1]['loss']:.4f} |")
+    fig.tight_layout()
+    fig.savefig(f"{ROOT}/losses.png", dpi=100)
+    lines += ["", f"tokens/s per rank, 4 ranks, 2048-token sequences: CP=1 {speed[1]:.0f}, CP=2 {speed[2]:.0f} "
+              f"(ratio {speed[2] / speed[1]:.2f})", "", f"total time {seconds / 60:.1f} min", "",
+              "![losses](losses.png)"]
+    with open(f"{ROOT}/report.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[2:4 + len(stages)] + [lines[5 + len(stages)]]))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world-size", type=int, default=4, help="gloo processes (default 4)")
-    ap.add_argument("--seq-len", type=int, default=2048, help="global sequence length (default 2048)")
-    ap.add_argument("--tolerance", type=float, default=1e-5, help="fp32 pass threshold (default 1e-5)")
+    ap.add_argument("--skip-exactness", action="store_true", help="skip step 1")
     args = ap.parse_args(argv)
-
-    cases = [Case(m, causal=c, h=8, h_kv=2, d=64, b=1, seq_len=args.seq_len, layout=lay)
-             for m in ("ring", "allgather") for lay in ("zigzag", "contiguous") for c in (True, False)]
-    print(f"CP attention on {args.world_size} gloo ranks: S={args.seq_len}, h=8 over h_kv=2, d=64, fp32; "
-          f"reference: float64 dense attention on the full sequence")
     t0 = time.monotonic()
-    results = spawn_ranks(exactness_worker, args.world_size, (cases,), timeout_s=600)
-    print(f"{'method':<10} {'layout':<11} {'mask':<7} " + " ".join(f"{n:>9}" for n in TENSORS) + "  verdict")
-    failed = 0
-    for c in cases:
-        worst = {n: max(r[c.key][n] for r in results) for n in TENSORS}
-        ok = max(worst.values()) <= args.tolerance
-        failed += not ok
-        print(f"{c.method:<10} {c.layout:<11} {'causal' if c.causal else 'full':<7} "
-              + " ".join(f"{worst[n]:9.2e}" for n in TENSORS) + f"  {'PASS' if ok else 'FAIL'}")
-    print(f"demo: {len(cases) - failed}/{len(cases)} cases within {args.tolerance:g} abs "
-          f"of float64 in {time.monotonic() - t0:.1f}s")
-    return 1 if failed else 0
+    os.makedirs(f"{ROOT}/data", exist_ok=True)
+    for stage in ("pretrain", "sft", "long_sft", "throughput_cp1", "throughput_cp2"):
+        subprocess.run(["rm", "-rf", f"{ROOT}/{stage}"], check=True)  # a demo always starts fresh
+    if not args.skip_exactness:
+        print("1. CP attention exactness (4 gloo ranks, float64 reference)")
+        subprocess.run([sys.executable, "-m", "megatron_ext.attention.demo", "--seq-len", "1024"], check=True)
+    print(f"2. corpus: {corpus(f'{ROOT}/docs.jsonl')} Debian changelogs -> {ROOT}/docs.jsonl; tokenizer")
+    sh("data_tools.tokenizer", "train", "--input", f"{ROOT}/docs.jsonl", "--vocab-size", "4000", "--output-prefix", f"{ROOT}/tok")
+    print("3. CIP and SynL data -> indexed binaries")
+    tok = f"{ROOT}/tok.model"
+    data(tok)
+    tok_sets = [f"data.tokenizer_model={tok}", "logging.log_interval=10"]
+    stages = ("pretrain", "sft", "long_sft")
+    print("4. three stages, CP=2 (ring) x DP=2 on 4 gloo processes")
+    for stage in stages:
+        torchrun(f"tiny_cpu_{stage}.yaml", 4, tok_sets)
+    print("5. tokens/s per rank, CP=1 vs CP=2")
+    speed = throughput(tok_sets + [f"data.blend=[1.0, {ROOT}/data/cip]", "logging.wandb=false"])
+    print(f"6. report")
+    report(stages, speed, time.monotonic() - t0)
+    print(f"demo: done in {(time.monotonic() - t0) / 60:.1f} min; report {ROOT}/report.md, loss curves {ROOT}/losses.png, "
+          f"checkpoints {ROOT}/{{pretrain,sft,long_sft}}, wandb (offline) under each stage's folder")
+    return 0
 
 
 if __name__ == "__main__":
