@@ -25,6 +25,7 @@ demo: install
 bench: install
 	MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m bench.ring_attention
 	MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m bench.cp_methods
+	$(PY) -m bench.preprocess
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache bench/results

@@ -26,26 +26,6 @@ def synced_time(fn: Callable[[], object], reps: int, barrier: Callable[[], None]
     return statistics.median(times)
 
 
-def reset_peak_rss() -> int:
-    """Reset this process's peak RSS (Linux clear_refs) and return the current RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_bytes("VmRSS")
-
-
-def peak_rss() -> int:
-    """Peak RSS in bytes since the last :func:`reset_peak_rss`."""
-    return _status_bytes("VmHWM")
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def print_table(title: str, headers: Sequence[str], rows: List[Sequence[object]]) -> None:
     cells = [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]

@@ -19,12 +19,13 @@ import os
 import torch
 import torch.distributed as dist
 
-from bench.common import peak_rss, print_table, reset_peak_rss, synced_time, write_json
+from bench.common import print_table, synced_time, write_json
 from megatron_ext.attention import (allgather_attention, build_cp_mesh, hybrid_attention, record_cp_stats,
                                     ring_attention, ulysses_attention)
 from megatron_ext.attention.blocks import CpuFlashKernel
 from megatron_ext.attention.stats import modeled_bytes
 from megatron_ext.distributed import spawn_ranks
+from megatron_ext.sysinfo import peak_rss_bytes as peak_rss, reset_peak_rss
 
 H, H_KV, D, P, U = 8, 2, 64, 4, 2
 CORES = os.cpu_count() or 1

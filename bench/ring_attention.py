@@ -26,12 +26,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import peak_rss, print_table, reset_peak_rss, synced_time, write_json
+from bench.common import print_table, synced_time, write_json
 from megatron_ext.attention import allgather_attention, ring_attention
 from megatron_ext.attention.blocks import CpuFlashKernel
 from megatron_ext.attention.reference import reference_rows
 from megatron_ext.attention.stats import record_cp_stats
 from megatron_ext.distributed import spawn_ranks
+from megatron_ext.sysinfo import peak_rss_bytes as peak_rss, reset_peak_rss
 from megatron_ext.sharding import position_ids, shard_sequence
 
 METHODS = {"ring": ring_attention, "allgather": allgather_attention}

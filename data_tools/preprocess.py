@@ -28,6 +28,8 @@ from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
+from megatron_ext.sysinfo import peak_rss_bytes
+
 from .common import atomic_write, load_tokenizer, open_binary, progress
 from .indexed import index_bytes, token_dtype
 from .records import REASONS, BadRecord, document_segments, sft_segments
@@ -111,15 +113,6 @@ def _flatten(ids: List[List[int]], eod=None) -> Tuple[np.ndarray, np.ndarray]:
         tokens = np.insert(tokens, np.cumsum(lengths), eod)
         lengths += 1
     return tokens, lengths
-
-
-def _peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM; unlike ru_maxrss it does not carry a forking parent's peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Preprocessor:
@@ -307,7 +300,7 @@ def main(argv=None) -> int:
         return 2
     s, dt = pre.summary, time.monotonic() - t0
     skipped = f", skipped {s['rejected']} ({', '.join(f'{k}: {v}' for k, v in s['counts'].items())})" if s["rejected"] else ""
-    rss = _peak_rss_mib()
+    rss = peak_rss_bytes() / 2**20
     print(f"preprocess: {s['docs']} docs, {s['tokens']} tokens{skipped} -> {args.output_prefix}_*_document "
           f"in {dt:.2f}s ({s['tokens'] / max(dt, 1e-9):,.0f} tokens/s, peak RSS {rss:.0f} MiB)")
     return 0

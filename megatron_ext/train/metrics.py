@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from ..sysinfo import peak_rss_bytes
 from .config import to_dict
 
 
@@ -63,7 +64,7 @@ class MetricsLogger:
 
         tokens_per_rank = out["tokens"] / self.world  # unmasked tokens are what the loss sees
         seq_tokens = self.cfg.optim.global_batch_size * self.cfg.data.seq_length / self.world
-        peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss()) / 2**20
+        peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss_bytes()) / 2**20
         rec = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "ms_per_iter": 1000 * seconds,
                "tokens_per_s_per_rank": seq_tokens / seconds, "tflops_per_rank": seq_tokens * self.flops_token / seconds / 1e12,
                "lr": lr, "loss": out["loss"], "grad_norm": out["grad_norm"], "skipped": state.skipped_iterations,
@@ -95,10 +96,3 @@ class MetricsLogger:
         if self.tb:
             self.tb.close()
 
-
-def _peak_rss() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024.0
-    return 0.0
