@@ -101,11 +101,12 @@ class JsonlWriter:
             os.remove(self.tmp)
 
 
-def progress(total=None, unit="doc", desc=""):
+def progress(total=None, unit="doc", desc="", unit_scale=False):
     """A tqdm bar on a terminal (stderr), silent otherwise."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit=unit, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True,
+                unit_scale=unit_scale)
 
 
 def parse_int_list(text: str) -> List[int]:

@@ -205,7 +205,10 @@ class Preprocessor:
         paths = self.args.input
         pool = concurrent.futures.ThreadPoolExecutor(1)
         pending, batch, size, rejects = None, [], 0, []
-        bar = progress(unit="doc", desc="preprocess")
+        # Input bytes give an ETA (not for .gz, whose uncompressed size is unknown); docs and tokens ride along.
+        total = None if any(p.endswith(".gz") for p in paths) else sum(os.path.getsize(p) for p in paths)
+        bar = progress(total=total, unit="B", desc="preprocess", unit_scale=True)
+        bar.update(start[1] if start[0] == 0 else 0)
         try:
             for fi, lineno, raw, end in _read_lines(paths, *start):
                 try:
@@ -217,10 +220,10 @@ class Preprocessor:
                     self.counts[e.kind] += 1
                     rejects.append({"file": paths[fi], "line": lineno, "reason": str(e)})
                 if size >= self.args.batch_bytes:
-                    pending = self._submit(pool, pending, batch, (fi, end, lineno), rejects, bar)
+                    pending = self._submit(pool, pending, batch, (fi, end, lineno), rejects, bar, size)
                     batch, size, rejects = [], 0, []
             if batch or rejects or pending is None:
-                pending = self._submit(pool, pending, batch, (len(paths), 0, 0), rejects, bar)
+                pending = self._submit(pool, pending, batch, (len(paths), 0, 0), rejects, bar, size)
             pending.result()
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -232,14 +235,15 @@ class Preprocessor:
         bar.close()
         return self._finish()
 
-    def _submit(self, pool, pending, batch, position, rejects, bar):
+    def _submit(self, pool, pending, batch, position, rejects, bar, size):
         if pending is not None:
             pending.result()  # keep order and at most two batches in memory
 
         def job():
             self.write(self.encode(batch) if batch else {}, position, rejects)
-            bar.update(len(batch))
-            bar.set_postfix(tokens=self.tokens, refresh=False)
+            bar.update(size)
+            elapsed = max(bar.format_dict["elapsed"], 1e-9)
+            bar.set_postfix(docs=self.docs, tok_per_s=f"{self.tokens / elapsed:,.0f}", refresh=False)
 
         return pool.submit(job)
 

@@ -47,8 +47,9 @@ def _build(cfg: TrainConfig, vocab_size: int):
         init_method_std=m.init_method_std, attention_dropout=0.0, hidden_dropout=0.0,
         tensor_model_parallel_size=p.tensor_model_parallel_size, context_parallel_size=p.context_parallel_size,
         cp_comm_type=p.cp_comm_type if p.context_parallel_size > 1 else None, softmax_scale=scale,
-        use_cpu_initialization=not torch.cuda.is_available(), bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32, calculate_per_token_loss=True,
+        # bf16 runs keep fp32 parameters (the optimizer's master copy) and compute under autocast.
+        use_cpu_initialization=not torch.cuda.is_available(), params_dtype=torch.float32,
+        calculate_per_token_loss=True,
         recompute_granularity="full" if cfg.recompute else None,
         recompute_method="uniform" if cfg.recompute else None, recompute_num_layers=1 if cfg.recompute else None,
         gated_linear_unit=m.swiglu, activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
@@ -58,7 +59,7 @@ def _build(cfg: TrainConfig, vocab_size: int):
     model = build_gpt_model(config, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_length, rope=m.rope,
                             layer_spec=get_gpt_layer_cp_spec(normalization=m.normalization),
                             share_embeddings_and_output_weights=not m.untie_embeddings)
-    return model.cuda() if torch.cuda.is_available() else model, parallel_state
+    return model.cuda() if torch.cuda.is_available() else model, bf16
 
 
 def _optimizer(cfg: TrainConfig, model):
@@ -98,7 +99,7 @@ class Trainer:
         self.ps = parallel_state
         self.tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
         vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
-        self.model, _ = _build(cfg, vocab)
+        self.model, self.bf16 = _build(cfg, vocab)
         self.optimizer, self.scheduler = _optimizer(cfg, self.model)
         self.state = RunState()
         self.stop_requested = False
@@ -148,7 +149,8 @@ class Trainer:
         device = next(self.model.parameters()).device
         for mb in micro_batches:
             local = {k: v.to(device) for k, v in get_batch_on_this_cp_rank(mb, cp_group).items()}
-            per_token = self.model(local["tokens"], local["position_ids"], None, labels=local["labels"])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                per_token = self.model(local["tokens"], local["position_ids"], None, labels=local["labels"])
             masked = (per_token.float() * local["loss_mask"]).sum()
             if self.state.iteration + 1 in self.cfg.fault.inject_nan_at:
                 masked = masked * float("nan")
