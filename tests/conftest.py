@@ -2,6 +2,8 @@
 sentencepiece tokenizer trained on it (nothing is downloaded)."""
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -51,3 +53,17 @@ def sp(tokenizer):
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def data(corpus, tokenizer, tmp_path_factory):
+    """Pretraining binaries, SynL SFT binaries (with loss masks) and the tokenizer."""
+    root = tmp_path_factory.mktemp("train_data")
+    py = [sys.executable, "-m"]
+    subprocess.run(py + ["data_tools.preprocess", "--input", corpus, "--output-prefix", str(root / "pre"),
+                         "--tokenizer-model", tokenizer, "--append-eod"], check=True, capture_output=True)
+    subprocess.run(py + ["data_tools.synth", "synl", "--output", str(root / "synl.jsonl"), "--num-samples", "40",
+                         "--target-tokens", "400", "--tokenizer-model", tokenizer], check=True, capture_output=True)
+    subprocess.run(py + ["data_tools.preprocess", "--input", str(root / "synl.jsonl"), "--output-prefix",
+                         str(root / "sft"), "--tokenizer-model", tokenizer, "--sft"], check=True, capture_output=True)
+    return {"pre": str(root / "pre"), "sft": str(root / "sft"), "tok": tokenizer}

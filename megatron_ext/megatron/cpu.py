@@ -16,6 +16,9 @@ nothing.
    built on the CPU.
 4. CP RoPE slicing (``get_pos_emb_on_this_cp_rank``) pins memory and calls
    ``.cuda()``; on CPU it takes the zigzag shard with :func:`shard_sequence`.
+5. Activation recomputation (``CheckpointFunction``) saves and restores the
+   "CUDA" RNG state around the recomputed forward; on CPU that is torch's CPU
+   generator (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``).
 """
 from __future__ import annotations
 
@@ -108,6 +111,19 @@ def _patch_rng_tracker():
     random.initialize_rng_tracker = initialize_rng_tracker
 
 
+def _patch_recompute_rng_state():
+    random = _target("megatron.core.tensor_parallel.random", "_get_cuda_rng_state")
+    _target("megatron.core.tensor_parallel.random", "_set_cuda_rng_state")
+
+    def _get_cuda_rng_state(*args, **kwargs):
+        return torch.get_rng_state()
+
+    def _set_cuda_rng_state(new_state, *args, **kwargs):
+        torch.set_rng_state(new_state)
+
+    random._get_cuda_rng_state, random._set_cuda_rng_state = _get_cuda_rng_state, _set_cuda_rng_state
+
+
 def _patch_current_device():
     for name in ("megatron.core.models.common.embeddings.rotary_pos_embedding", "megatron.core.utils",
                  "megatron.core.distributed.param_and_grad_buffer",
@@ -142,7 +158,8 @@ def enable_cpu_runtime() -> bool:
     if torch.cuda.is_available():
         return False
     if not _APPLIED:
-        for patch in (_patch_rng_tracker, _patch_current_device, _patch_causal_mask, _patch_cp_rope_slicing):
+        for patch in (_patch_rng_tracker, _patch_current_device, _patch_causal_mask, _patch_cp_rope_slicing,
+                      _patch_recompute_rng_state):
             patch()
         _APPLIED.append(True)
     return True

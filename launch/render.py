@@ -1,0 +1,141 @@
+"""Render cluster job files from a training config and cluster flags.
+
+Values land shell-quoted (SLURM, hostfile) or through a YAML dumper (K8s), so a
+hostile job name stays inert text; names that a scheduler parses are reduced
+to safe characters. The layout is checked before anything is written.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shlex
+import string
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import yaml
+
+TEMPLATES = {"slurm": "slurm.sbatch", "k8s": "k8s.yaml", "hostfile": "hostfile.sh"}
+HERE = os.path.dirname(os.path.abspath(__file__))
+NCCL_DEFAULTS = ("NCCL_ASYNC_ERROR_HANDLING=1", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "NCCL_IB_TIMEOUT=22",
+                 "CUDA_DEVICE_MAX_CONNECTIONS=1")
+
+
+@dataclass
+class JobSpec:
+    """What the cluster is asked for."""
+
+    template: str
+    """slurm, k8s or hostfile."""
+    config: str
+    """Training config (YAML)."""
+    nodes: int = 1
+    """Nodes."""
+    gpus_per_node: int = 8
+    """Accelerators (or CPU slots with device=cpu) per node."""
+    nproc_per_node: Optional[int] = None
+    """Trainer processes per node (default: gpus_per_node)."""
+    device: str = "cuda"
+    """cuda (NCCL, requests GPUs) or cpu (gloo, requests no GPUs)."""
+    job_name: str = "megatron-ext"
+    """Job name."""
+    partition: str = ""
+    """SLURM partition."""
+    time: str = "24:00:00"
+    """SLURM time limit."""
+    account: str = ""
+    """SLURM account."""
+    log_dir: str = "logs"
+    """Per-job, per-node logs go here."""
+    image: str = "megatron-ext:latest"
+    """Container image (k8s)."""
+    max_restarts: int = 3
+    """Restarts (k8s elastic policy)."""
+    sets: List[str] = field(default_factory=list)
+    """--set overrides passed to the trainer."""
+    python: str = "python"
+    """Interpreter on the nodes."""
+    repo: str = os.path.dirname(HERE)
+    """megatron-ext checkout on the nodes."""
+
+
+def _safe_name(text: str, k8s: bool = False) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text) or "job"
+    if k8s:  # DNS-1123: lowercase alphanumerics and '-', at most 63
+        name = re.sub(r"[^a-z0-9-]", "-", text.lower()).strip("-")[:63] or "job"
+    return name
+
+
+def check_layout(spec: JobSpec) -> dict:
+    """TP x CP x PP x DP must equal nodes x nproc_per_node; seq_length % (2 x CP) == 0."""
+    from megatron_ext.train.config import load_config, validate
+
+    if spec.template not in TEMPLATES:
+        raise ValueError(f"unknown template {spec.template!r}; expected one of {sorted(TEMPLATES)}")
+    if spec.device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be cuda or cpu, got {spec.device!r}")
+    world = spec.nodes * (spec.nproc_per_node or spec.gpus_per_node)
+    cfg = load_config(spec.config, spec.sets)
+    return validate(cfg, world)
+
+
+def render(spec: JobSpec) -> str:
+    """The job file's text; raises ValueError on a bad layout."""
+    check_layout(spec)
+    nproc = spec.nproc_per_node or spec.gpus_per_node
+    if spec.template == "k8s":
+        return _render_k8s(spec, nproc)
+    q = shlex.quote
+    values = {
+        "job_name": _safe_name(spec.job_name), "job_name_q": q(spec.job_name), "nodes": spec.nodes,
+        "nproc_per_node": nproc, "config_q": q(spec.config), "repo_q": q(spec.repo), "python_q": q(spec.python),
+        "log_dir": _safe_path(spec.log_dir), "log_dir_q": q(spec.log_dir),
+        "extra_args": " ".join(q(a) for s in spec.sets for a in ("--set", s)),
+        "time_limit": _checked(spec.time, r"[0-9:-]+", "time"),
+        "cpus_per_task": max(1, nproc * (4 if spec.device == "cuda" else 1)),
+        "gpu_directive": f"#SBATCH --gpus-per-node={spec.gpus_per_node}\n" if spec.device == "cuda" else "",
+        "partition_directive": f"#SBATCH --partition={_checked(spec.partition, r'[A-Za-z0-9_,-]+', 'partition')}\n"
+        if spec.partition else "",
+        "account_directive": f"#SBATCH --account={_checked(spec.account, r'[A-Za-z0-9_.-]+', 'account')}\n"
+        if spec.account else "",
+        "nccl_env": "".join(f"export {v}\n" for v in NCCL_DEFAULTS) if spec.device == "cuda" else "",
+    }
+    with open(os.path.join(HERE, "templates", TEMPLATES[spec.template])) as f:
+        return string.Template(f.read()).substitute(values)
+
+
+def _checked(value: str, pattern: str, what: str) -> str:
+    if not re.fullmatch(pattern, value):
+        raise ValueError(f"{what} {value!r} has characters a scheduler directive cannot carry")
+    return value
+
+
+def _safe_path(path: str) -> str:
+    return _checked(path, r"[A-Za-z0-9_./%-]+", "log dir")
+
+
+def _render_k8s(spec: JobSpec, nproc: int) -> str:
+    with open(os.path.join(HERE, "templates", TEMPLATES["k8s"])) as f:
+        text = f.read()
+    header = "".join(line for line in text.splitlines(True) if line.startswith("#"))
+    doc = yaml.safe_load(text)
+    doc["metadata"]["name"] = _safe_name(spec.job_name, k8s=True)
+    doc["metadata"]["labels"] = {"app": "megatron-ext", "job-name": _safe_name(spec.job_name, k8s=True)}
+    doc["metadata"]["annotations"] = {"megatron-ext/job-name": spec.job_name}
+    pol = doc["spec"]["elasticPolicy"]
+    pol.update(minReplicas=spec.nodes, maxReplicas=spec.nodes, nProcPerNode=nproc, maxRestarts=spec.max_restarts)
+    master = doc["spec"]["pytorchReplicaSpecs"]["Master"]
+    container = master["template"]["spec"]["containers"][0]
+    container["image"] = spec.image
+    container["command"] = ["torchrun", "--nproc-per-node", str(nproc), "-m", "megatron_ext.train", "--config",
+                            spec.config] + [a for s in spec.sets for a in ("--set", s)]
+    container["workingDir"] = spec.repo
+    if spec.device == "cuda":
+        container["resources"] = {"limits": {"nvidia.com/gpu": spec.gpus_per_node}}
+    workers = doc["spec"]["pytorchReplicaSpecs"]["Worker"]
+    if spec.nodes > 1:
+        workers.update(replicas=spec.nodes - 1, template=copy.deepcopy(master["template"]))
+    else:
+        del doc["spec"]["pytorchReplicaSpecs"]["Worker"]
+    return header + yaml.safe_dump(doc, sort_keys=False)

@@ -1,0 +1,104 @@
+"""Launch tools without a cluster: rendered structure, layout checks, quoting,
+the K8s manifest, and torchrun.sh on 2 CPU processes."""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER = os.path.join(REPO, "launch/configs/longskywork_13b_200k_pretrain.yaml")
+TINY = os.path.join(REPO, "launch/configs/tiny_cpu_pretrain.yaml")
+HOSTILE = "x; rm -rf ~ $(touch pwned) `id`"
+
+
+def render(*args, check=True):
+    res = subprocess.run([sys.executable, "-m", "launch", "render", *args], capture_output=True, text=True, cwd=REPO)
+    if check and res.returncode:
+        raise AssertionError(res.stderr)
+    return res
+
+
+def test_slurm_script_structure():
+    text = render("--template", "slurm", "--config", PAPER, "--nodes", "8", "--gpus-per-node", "8",
+                  "--partition", "gpu", "--account", "proj", "--time", "12:00:00").stdout
+    for want in ("#SBATCH --nodes=8", "#SBATCH --gpus-per-node=8", "#SBATCH --signal=B:SIGTERM@120",
+                 "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --time=12:00:00",
+                 "scontrol show hostnames", "--rdzv-backend c10d", '--nnodes "$SLURM_NNODES"', "NPROC_PER_NODE=8",
+                 "PYTHONFAULTHANDLER=1", "NCCL_ASYNC_ERROR_HANDLING=1", "-m megatron_ext.train", "%x-%j-%N.log"):
+        assert want in text, want
+    cpu = render("--template", "slurm", "--config", TINY, "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu").stdout
+    assert "--gpus-per-node" not in cpu and "NCCL_" not in cpu
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+
+def test_hostfile_script_structure():
+    text = render("--template", "hostfile", "--config", PAPER, "--nodes", "8", "--gpus-per-node", "8").stdout
+    for want in ("HOSTFILE=", "ssh", "pdsh", "--nnodes $NODES", "--rdzv-backend c10d", "NODES=8"):
+        assert want in text, want
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+
+def test_k8s_manifest_has_what_the_training_operator_needs():
+    doc = yaml.safe_load(render("--template", "k8s", "--config", PAPER, "--nodes", "4", "--gpus-per-node", "8",
+                                "--job-name", "LongSkywork 13B!", "--image", "reg/megatron-ext:1").stdout)
+    assert doc["apiVersion"] == "kubeflow.org/v1" and doc["kind"] == "PyTorchJob"
+    assert doc["metadata"]["name"] == "longskywork-13b"
+    specs = doc["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 3
+    for role in ("Master", "Worker"):
+        c = specs[role]["template"]["spec"]["containers"][0]
+        assert c["name"] == "pytorch" and c["image"] == "reg/megatron-ext:1"
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert c["command"][:5] == ["torchrun", "--nproc-per-node", "8", "-m", "megatron_ext.train"]
+    assert doc["spec"]["elasticPolicy"]["nProcPerNode"] == 8 and doc["spec"]["elasticPolicy"]["maxReplicas"] == 4
+
+
+@pytest.mark.parametrize("args,text", [
+    (["--nodes", "2", "--gpus-per-node", "6"], "does not divide the world size 12"),
+    (["--nodes", "3", "--gpus-per-node", "8"], "multiple of micro_batch_size x DP = 3"),
+    (["--nodes", "1", "--gpus-per-node", "8", "--set", "data.seq_length=100004"], "must divide by 2 x CP = 16"),
+    (["--nodes", "1", "--gpus-per-node", "8", "--partition", "a b"], "partition 'a b'"),
+])
+def test_layout_errors_before_writing(args, text, tmp_path):
+    out = tmp_path / "job.sbatch"
+    res = render("--template", "slurm", "--config", PAPER, "--out", str(out), *args, check=False)
+    assert res.returncode == 2 and text in res.stderr
+    assert not out.exists()
+
+
+def test_hostile_values_stay_inert(tmp_path):
+    for template in ("slurm", "hostfile"):
+        text = render("--template", template, "--config", TINY, "--nodes", "1", "--gpus-per-node", "2", "--device",
+                      "cpu", "--job-name", HOSTILE, "--set", f"logging.wandb_project={HOSTILE}").stdout
+        # Run only the variable assignments: the values must come back verbatim and run nothing.
+        assigns = "\n".join(line for line in text.splitlines() if line.startswith(("JOB_NAME=", "EXTRA_ARGS=")))
+        probe = assigns + '\nprintf "%s\\n" "$JOB_NAME" "${EXTRA_ARGS[@]}"\n'
+        res = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+        assert res.stdout.splitlines() == [HOSTILE, "--set", f"logging.wandb_project={HOSTILE}"], template
+        assert not (tmp_path / "pwned").exists()
+    doc = yaml.safe_load(render("--template", "k8s", "--config", TINY, "--nodes", "1", "--gpus-per-node", "2",
+                                "--device", "cpu", "--job-name", HOSTILE).stdout)
+    assert doc["metadata"]["annotations"]["megatron-ext/job-name"] == HOSTILE
+
+
+def test_submit_dry_run_prints_the_script():
+    res = subprocess.run([sys.executable, "-m", "launch", "submit", "--config", TINY, "--nodes", "1",
+                          "--gpus-per-node", "2", "--device", "cpu", "--dry-run"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0 and res.stdout.startswith("#!/bin/bash") and "#SBATCH --nodes=1" in res.stdout
+
+
+def test_torchrun_sh_runs_a_2_process_cpu_job(data, tmp_path):
+    env = dict(os.environ, CONFIG=TINY, NPROC="2", PYTHON=sys.executable, PYTHONPATH=REPO, LOG_RANK="0")
+    sets = ["model.hidden_size=64", "data.seq_length=256", "optim.train_iters=2", "logging.wandb=false",
+            "logging.log_interval=1", f"data.blend=[1.0, {data['pre']}]", f"data.tokenizer_model={data['tok']}",
+            f"checkpoint.save_dir={tmp_path / 'run'}"]
+    args = [a for s in sets for a in ("--set", s)]
+    res = subprocess.run([os.path.join(REPO, "launch/torchrun.sh"), *args], capture_output=True, text=True,
+                         env=env, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "iteration      2/2" in res.stdout and (tmp_path / "run" / "step-2" / "COMPLETE").exists()
+    res = subprocess.run([os.path.join(REPO, "launch/torchrun.sh"), "--set", "bogus=1"], capture_output=True,
+                         text=True, env=env, timeout=120, cwd=tmp_path)
+    assert res.returncode != 0  # the trainer's status comes back
