@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         torchrun(f"tiny_cpu_{stage}.yaml", 4, tok_sets)
     print("5. tokens/s per rank, CP=1 vs CP=2")
     speed = throughput(tok_sets + [f"data.blend=[1.0, {ROOT}/data/cip]", "logging.wandb=false"])
-    print(f"6. report")
+    print("6. report")
     report(stages, speed, time.monotonic() - t0)
     print(f"demo: done in {(time.monotonic() - t0) / 60:.1f} min; report {ROOT}/report.md, loss curves {ROOT}/losses.png, "
           f"checkpoints {ROOT}/{{pretrain,sft,long_sft}}, wandb (offline) under each stage's folder")

@@ -96,7 +96,8 @@ def ring_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: f
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dkv = [torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)]
     dkv_ring = _Ring(group)
-    kv, owned, dkv_works, dkv_sent = [k.contiguous(), v.contiguous()], False, None, None
+    kv, owned = [k.contiguous(), v.contiguous()], False
+    dkv_works = dkv_sent = dkv_next = None  # the dK/dV hop in flight (none at P = 1)
     for step in range(ring.world_size):
         works, nxt = ring.rotate(kv, TAG_KV, "backward") if step < ring.world_size - 1 else (None, None)
         plan = ring_step_plan(ring.rank, (ring.rank - step) % ring.world_size, ring.world_size, q.shape[1], causal, layout)

@@ -38,6 +38,15 @@ def get_batch_on_this_cp_rank(batch: Dict[str, Optional[torch.Tensor]], cp_group
     return out
 
 
+def global_token_count(loss_masks, group) -> float:
+    """Unmasked tokens over ``group`` (DP x CP): loss_masks are this rank's [b, s_local]
+    shards (e.g. every micro-batch of one optimizer step)."""
+    count = torch.tensor([float(sum(m.sum() for m in loss_masks))], dtype=torch.float64)
+    if rank_and_size(group)[1] > 1:
+        dist.all_reduce(count, group=group)
+    return count.item()
+
+
 def cp_masked_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token-mean loss over ``group`` (the DP x CP group).
 

@@ -43,7 +43,6 @@ def main(argv=None) -> int:
 
 
 def _run(cfg) -> int:
-    import torch
     import torch.distributed as dist
 
     _init_distributed()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 
@@ -28,7 +27,6 @@ class RunState:
 
 
 def _build(cfg: TrainConfig, vocab_size: int):
-    from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -136,25 +134,23 @@ class Trainer:
     # -- one optimizer step ----------------------------------------------------------------
     def step(self, micro_batches) -> dict:
         """Forward/backward over the micro-batches, then a finite-checked optimizer step."""
-        from ..megatron.batch import cp_masked_loss, get_batch_on_this_cp_rank, reduce_gradients
+        from ..megatron.batch import get_batch_on_this_cp_rank, global_token_count, reduce_gradients
 
         ps = self.ps
         cp_group, dp_cp = ps.get_context_parallel_group(), ps.get_data_parallel_group(with_context_parallel=True)
+        device = next(self.model.parameters()).device
+        shards = [{k: v.to(device) for k, v in get_batch_on_this_cp_rank(mb, cp_group).items()} for mb in micro_batches]
         # One token count for the whole step, so accumulation gives the token mean of the global batch.
-        # (micro-batches hold whole samples, the same on every CP rank of a DP replica)
-        total = torch.tensor([float(sum(mb["loss_mask"].sum() for mb in micro_batches))], dtype=torch.float64)
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        total = global_token_count([local["loss_mask"] for local in shards], dp_cp)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        device = next(self.model.parameters()).device
-        for mb in micro_batches:
-            local = {k: v.to(device) for k, v in get_batch_on_this_cp_rank(mb, cp_group).items()}
+        for local in shards:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 per_token = self.model(local["tokens"], local["position_ids"], None, labels=local["labels"])
             masked = (per_token.float() * local["loss_mask"]).sum()
             if self.state.iteration + 1 in self.cfg.fault.inject_nan_at:
                 masked = masked * float("nan")
-            (masked / max(total.item(), 1.0)).backward()
+            (masked / max(total, 1.0)).backward()
             loss_sum += masked.detach().double()
         dist.all_reduce(loss_sum, group=dp_cp)
         reduce_gradients(self.model.parameters(), dp_cp)
@@ -164,8 +160,8 @@ class Trainer:
         if finite.item() > 0:
             self.optimizer.step()
         self.scheduler.step()
-        return {"loss": loss_sum.item() / max(total.item(), 1.0), "grad_norm": grad_norm,
-                "finite": finite.item() > 0, "tokens": total.item()}
+        return {"loss": loss_sum.item() / max(total, 1.0), "grad_norm": grad_norm,
+                "finite": finite.item() > 0, "tokens": total}
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
