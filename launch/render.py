@@ -16,7 +16,8 @@ from typing import List, Optional
 
 import yaml
 
-TEMPLATES = {"slurm": "slurm.sbatch", "k8s": "k8s.yaml", "hostfile": "hostfile.sh"}
+# Template files, relative to launch/.
+TEMPLATES = {"slurm": "slurm/train.sbatch", "k8s": "templates/k8s.yaml", "hostfile": "templates/hostfile.sh"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 NCCL_DEFAULTS = ("NCCL_ASYNC_ERROR_HANDLING=1", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "NCCL_IB_TIMEOUT=22",
                  "CUDA_DEVICE_MAX_CONNECTIONS=1")
@@ -101,7 +102,7 @@ def render(spec: JobSpec) -> str:
         if spec.account else "",
         "nccl_env": "".join(f"export {v}\n" for v in NCCL_DEFAULTS) if spec.device == "cuda" else "",
     }
-    with open(os.path.join(HERE, "templates", TEMPLATES[spec.template])) as f:
+    with open(os.path.join(HERE, TEMPLATES[spec.template])) as f:
         return string.Template(f.read()).substitute(values)
 
 
@@ -116,7 +117,7 @@ def _safe_path(path: str) -> str:
 
 
 def _render_k8s(spec: JobSpec, nproc: int) -> str:
-    with open(os.path.join(HERE, "templates", TEMPLATES["k8s"])) as f:
+    with open(os.path.join(HERE, TEMPLATES["k8s"])) as f:
         text = f.read()
     header = "".join(line for line in text.splitlines(True) if line.startswith("#"))
     doc = yaml.safe_load(text)

@@ -26,7 +26,8 @@ def test_slurm_script_structure():
     for want in ("#SBATCH --nodes=8", "#SBATCH --gpus-per-node=8", "#SBATCH --signal=B:SIGTERM@120",
                  "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --time=12:00:00",
                  "scontrol show hostnames", "--rdzv-backend c10d", '--nnodes "$SLURM_NNODES"', "NPROC_PER_NODE=8",
-                 "PYTHONFAULTHANDLER=1", "NCCL_ASYNC_ERROR_HANDLING=1", "-m megatron_ext.train", "%x-%j-%N.log"):
+                 "PYTHONFAULTHANDLER=1", "NCCL_ASYNC_ERROR_HANDLING=1", "-m megatron_ext.train", "%x-%j-%N.log",
+                 "trap \"\" TERM", "--signals-to-handle SIGINT,SIGHUP,SIGQUIT"):
         assert want in text, want
     cpu = render("--template", "slurm", "--config", TINY, "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu").stdout
     assert "--gpus-per-node" not in cpu and "NCCL_" not in cpu
