@@ -6,7 +6,9 @@
 4. The three stages (pretrain with RoPE ABF, sft, long_sft) with CP=2 ring
    attention x DP=2 on 4 gloo processes, each stage starting from the last.
 5. Tokens/s per rank at CP=1 vs CP=2, same sequence length.
-6. A report: runs/demo/report.md and loss curves in runs/demo/losses.png.
+6. A passkey sweep of the long_sft model, CP=2 ring prefill on 2 gloo processes:
+   runs/demo/eval_passkey/heatmap.png and passkey_accuracy.md.
+7. A report: runs/demo/report.md and loss curves in runs/demo/losses.png.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import os
 import subprocess
 import sys
 import time
+
+from data_tools.common import atomic_write
 
 ROOT = "runs/demo"
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "configs")
@@ -83,7 +87,16 @@ def throughput(tok_sets) -> dict:
     return out
 
 
-def report(stages, speed, seconds) -> None:
+def passkey_eval(tok: str) -> str:
+    """Passkey sweep of the long_sft checkpoint (2048-token RoPE range) at CP=2."""
+    out = f"{ROOT}/eval_passkey"
+    sh("torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+       "-m", "megatron_ext.eval.needle", "--checkpoint", f"{ROOT}/long_sft", "--tokenizer-model", tok,
+       "--lengths", "256,512,1k,2k", "--depths", "0:100:25", "--kind", "passkey", "--out", out)
+    return out
+
+
+def report(stages, speed, seconds, eval_dir) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,11 +114,14 @@ def report(stages, speed, seconds) -> None:
     fig.tight_layout()
     fig.savefig(f"{ROOT}/losses.png", dpi=100)
     lines += ["", f"tokens/s per rank, 4 ranks, 2048-token sequences: CP=1 {speed[1]:.0f}, CP=2 {speed[2]:.0f} "
-              f"(ratio {speed[2] / speed[1]:.2f})", "", f"total time {seconds / 60:.1f} min", "",
-              "![losses](losses.png)"]
-    with open(f"{ROOT}/report.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[2:4 + len(stages)] + [lines[5 + len(stages)]]))
+              f"(ratio {speed[2] / speed[1]:.2f})", ""]
+    passkey = open(f"{eval_dir}/passkey_accuracy.md").read().splitlines()[2:]
+    caption = f"passkey, long_sft checkpoint, CP=2 ring prefill, greedy exact match (heatmap {eval_dir}/heatmap.png):"
+    lines += [caption, ""] + passkey
+    lines += ["", f"total time {seconds / 60:.1f} min", "", "![losses](losses.png)",
+              f"![passkey]({os.path.relpath(eval_dir, ROOT)}/heatmap.png)"]
+    atomic_write(f"{ROOT}/report.md", ("\n".join(lines) + "\n").encode())
+    print("\n".join(lines[2:4 + len(stages)] + [lines[5 + len(stages)], caption] + passkey))
 
 
 def main(argv=None) -> int:
@@ -114,7 +130,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     os.makedirs(f"{ROOT}/data", exist_ok=True)
-    for stage in ("pretrain", "sft", "long_sft", "throughput_cp1", "throughput_cp2"):
+    for stage in ("pretrain", "sft", "long_sft", "throughput_cp1", "throughput_cp2", "eval_passkey"):
         subprocess.run(["rm", "-rf", f"{ROOT}/{stage}"], check=True)  # a demo always starts fresh
     if not args.skip_exactness:
         print("1. CP attention exactness (4 gloo ranks, float64 reference)")
@@ -131,10 +147,13 @@ def main(argv=None) -> int:
         torchrun(f"tiny_cpu_{stage}.yaml", 4, tok_sets)
     print("5. tokens/s per rank, CP=1 vs CP=2")
     speed = throughput(tok_sets + [f"data.blend=[1.0, {ROOT}/data/cip]", "logging.wandb=false"])
-    print("6. report")
-    report(stages, speed, time.monotonic() - t0)
+    print("6. passkey eval of long_sft, CP=2 ring prefill")
+    eval_dir = passkey_eval(tok)
+    print("7. report")
+    report(stages, speed, time.monotonic() - t0, eval_dir)
     print(f"demo: done in {(time.monotonic() - t0) / 60:.1f} min; report {ROOT}/report.md, loss curves {ROOT}/losses.png, "
-          f"checkpoints {ROOT}/{{pretrain,sft,long_sft}}, wandb (offline) under each stage's folder")
+          f"checkpoints {ROOT}/{{pretrain,sft,long_sft}}, wandb (offline) under each stage's folder, "
+          f"passkey heatmap {eval_dir}/heatmap.png")
     return 0
 
 

@@ -1,9 +1,12 @@
-"""Run a function on P local gloo processes and collect what each rank returns.
+"""Process groups for local runs and torchrun entry points.
 
-Used by the tests, the demo and the benchmarks. Rendezvous is a ``file://``
-path; each rank's result (or traceback) comes back through a file. A rank that
-does not finish within ``timeout_s`` makes the call raise ``TimeoutError``
-naming it, after every child has been killed: nothing hangs.
+:func:`spawn_ranks` runs a function on P local gloo processes and collects what
+each rank returns (tests, demo, benchmarks). Rendezvous is a ``file://`` path;
+each rank's result (or traceback) comes back through a file. A rank that does
+not finish within ``timeout_s`` makes the call raise ``TimeoutError`` naming
+it, after every child has been killed: nothing hangs.
+:func:`init_distributed_from_env` starts the group of a torchrun (or plain
+single-process) entry point.
 """
 from __future__ import annotations
 
@@ -16,14 +19,13 @@ import traceback
 from typing import Any, Callable, List, Sequence
 
 import torch
+import torch.distributed as dist
 
 
 def _rank_main(fn, rank, world_size, init_file, out_dir, args, threads, timeout_s):
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
         torch.set_num_threads(threads)
-        import torch.distributed as dist
-
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -75,3 +77,22 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
                 raise RuntimeError(f"rank {r} of {world_size} failed in {fn.__name__}:\n{res['error']}")
             results.append(res["ok"])
         return results
+
+
+def init_distributed_from_env() -> None:
+    """init_process_group on a store namespaced by torchrun's restart count: after a
+    restart, gloo must not find the previous attempt's addresses under the same keys."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    timeout = datetime.timedelta(minutes=10)
+    if "MASTER_ADDR" not in os.environ:  # a plain single process
+        dist.init_process_group(backend, init_method="tcp://127.0.0.1:0", rank=0, world_size=1, timeout=timeout)
+        return
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"megatron_ext/attempt-{attempt}", store),
+                            rank=rank, world_size=world, timeout=timeout)

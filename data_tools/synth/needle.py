@@ -3,8 +3,8 @@
 ``needle``: haystack text cut to a token length, a needle sentence inserted at
 a sentence boundary at a depth percentage, the question after it. ``passkey``:
 the usual repeated filler with "The pass key is N." as the needle. Each
-sample: ``{"prompt", "response", "meta": {"task", "length", "depth", "answer",
-"n_tokens"}}``, and the prompt fits ``length`` tokens.
+sample: ``{"prompt", "response", "meta": {"task", "length", "depth", "needle",
+"answer", "n_tokens"}}``, and the prompt fits ``length`` tokens.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def needle_sample(haystack: str, kind: str, length: int, depth: float, count_tok
 
     n, prompt, tokens = largest_fitting(build, count_tokens, 0, len(text), length, guess=length * 3)
     return {"prompt": prompt, "response": ans,
-            "meta": {"task": kind, "length": length, "depth": depth, "answer": ans, "n_tokens": tokens,
+            "meta": {"task": kind, "length": length, "depth": depth, "needle": needle, "answer": ans, "n_tokens": tokens,
                      "haystack_chars": n}}
 
 

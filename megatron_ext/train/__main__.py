@@ -8,7 +8,6 @@ stage starts from checkpoint.init_from. SIGTERM saves and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import warnings
@@ -45,7 +44,9 @@ def main(argv=None) -> int:
 def _run(cfg) -> int:
     import torch.distributed as dist
 
-    _init_distributed()
+    from ..distributed import init_distributed_from_env
+
+    init_distributed_from_env()
     from .loop import Trainer
 
     try:
@@ -58,28 +59,6 @@ def _run(cfg) -> int:
         return trainer.train()
     finally:
         dist.destroy_process_group()
-
-
-def _init_distributed() -> None:
-    """init_process_group on a store namespaced by torchrun's restart count: after a
-    restart, gloo must not find the previous attempt's addresses under the same keys."""
-    import torch
-    import torch.distributed as dist
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    timeout = datetime.timedelta(minutes=10)
-    if "MASTER_ADDR" not in os.environ:  # a plain single process
-        dist.init_process_group(backend, init_method="tcp://127.0.0.1:0", rank=0, world_size=1, timeout=timeout)
-        return
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=not agent_store and rank == 0, timeout=timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"megatron_ext/attempt-{attempt}", store),
-                            rank=rank, world_size=world, timeout=timeout)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,11 @@ def load_config(path: Optional[str], overrides: List[str] = ()) -> TrainConfig:
             raise ValueError(f"--set needs key=value, got {item!r}")
         key, raw = item.split("=", 1)
         _set(tree, key.strip(), raw)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: Dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from nested dicts (e.g. the YAML a checkpoint stores)."""
     return _build(TrainConfig, tree, "")
 
 

@@ -26,7 +26,9 @@ class RunState:
     skipped_iterations: int = 0
 
 
-def _build(cfg: TrainConfig, vocab_size: int):
+def build_model(cfg: TrainConfig, vocab_size: int):
+    """megatron-core GPTModel for ``cfg`` (CP attention, extended RoPE); returns (model, bf16).
+    Needs parallel_state initialised with cfg.parallel's sizes."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -60,6 +62,22 @@ def _build(cfg: TrainConfig, vocab_size: int):
     return model.cuda() if torch.cuda.is_available() else model, bf16
 
 
+def init_model_parallel(cfg: TrainConfig):
+    """megatron-core's parallel_state for cfg.parallel (torch.distributed already
+    initialised; CPU runtime patches applied off CUDA); returns the module."""
+    from ..megatron.cpu import enable_cpu_runtime
+
+    enable_cpu_runtime()
+    from megatron.core import parallel_state
+
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size, context_parallel_size=p.context_parallel_size,
+        hierarchical_context_parallel_sizes=[p.ulysses_size, p.context_parallel_size // p.ulysses_size]
+        if p.cp_comm_type == "a2a+p2p" else None)
+    return parallel_state
+
+
 def _optimizer(cfg: TrainConfig, model):
     o = cfg.optim
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -81,23 +99,13 @@ class Trainer:
     """Runs one stage; see :func:`megatron_ext.train.__main__.main` for the CLI."""
 
     def __init__(self, cfg: TrainConfig):
-        from ..megatron.cpu import enable_cpu_runtime
-
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.sizes = validate(cfg, self.world)
-        enable_cpu_runtime()
-        from megatron.core import parallel_state
-
-        p = cfg.parallel
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=p.tensor_model_parallel_size, context_parallel_size=p.context_parallel_size,
-            hierarchical_context_parallel_sizes=[p.ulysses_size, p.context_parallel_size // p.ulysses_size]
-            if p.cp_comm_type == "a2a+p2p" else None)
-        self.ps = parallel_state
+        self.ps = init_model_parallel(cfg)
         self.tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
         vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
-        self.model, self.bf16 = _build(cfg, vocab)
+        self.model, self.bf16 = build_model(cfg, vocab)
         self.optimizer, self.scheduler = _optimizer(cfg, self.model)
         self.state = RunState()
         self.stop_requested = False
