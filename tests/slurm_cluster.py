@@ -151,7 +151,8 @@ class LocalSlurm:
         lines = [
             "ClusterName=megatronext", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root", "SlurmdUser=root",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={p('munge.socket')}",
+            # cred_expire also sets how long a requeued job waits before it starts again (default 120 s).
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={p('munge.socket')},cred_expire=10",
             f"StateSaveLocation={p('state')}", f"SlurmdSpoolDir={p('spool')}",
             f"SlurmctldPidFile={p('slurmctld.pid')}", f"SlurmdPidFile={p('slurmd.pid')}",
             f"SlurmctldLogFile={p('slurmctld.log')}", f"SlurmdLogFile={p('slurmd.log')}",
@@ -160,7 +161,7 @@ class LocalSlurm:
             "MpiDefault=none", "SchedulerType=sched/builtin", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU", "ReturnToService=2", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
-            "PlugStackConfig=/dev/null", "KillWait=10", "MinJobAge=3600",
+            "PlugStackConfig=/dev/null", "KillWait=10", "MinJobAge=3600", "SchedulerParameters=sched_interval=1",
             f"NodeName={host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]

@@ -89,7 +89,6 @@ def test_preemption_saves_exits_cleanly_and_requeue_resumes(cluster, data, tmp_p
     # --requeue: the same job comes back and resumes from that checkpoint; preempt it again.
     t1 = time.monotonic()
     cluster.run(["scontrol", "requeue", job_id])
-    cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])  # lift SLURM's 2-minute requeue hold
     wait_for_text(tmp_path, name, job_id, rf"resumed from \S*step-{saved} at iteration {saved}", cluster)
     wait_for_text(tmp_path, name, job_id, rf"iteration +{saved + 1}/", cluster)
     cluster.run(["scancel", "--signal=TERM", "--batch", job_id])
