@@ -40,12 +40,24 @@ def test_config_errors_name_the_problem(tmp_path):
     cases = {"model.hidden=64": "unknown config keys ['model.hidden']",
              "stage=warmup": "stage 'warmup' is not one of",
              "data.seq_length=1001": "must divide by 2 x CP = 4",
-             "optim.global_batch_size=3": "multiple of micro_batch_size x DP"}
+             "optim.global_batch_size=3": "multiple of micro_batch_size x DP",
+             "optim.lr=fast": "config key optim.lr: expected float, got 'fast'",
+             "optim.train_iters=2.5": "config key optim.train_iters: expected int, got 2.5",
+             "logging.wandb=maybe": "config key logging.wandb: expected bool"}
     for override, text in cases.items():
         res = subprocess.run(base + ["--set", override, "--dry-run", "--world-size", "4"], capture_output=True, text=True)
         assert res.returncode == 2 and text in res.stderr, (override, res.stderr)
     res = subprocess.run(base + ["--dry-run", "--world-size", "3"], capture_output=True, text=True)
     assert res.returncode == 2 and "does not divide the world size 3" in res.stderr
+
+
+def test_config_reads_numbers_yaml_leaves_as_text():
+    from megatron_ext.train.config import load_config
+
+    cfg = load_config(os.path.join(REPO, "launch/configs/tiny_cpu_pretrain.yaml"),
+                      ["optim.lr=1e-3", "optim.train_iters=1e2", "model.rope.abf_base=5e6"])
+    assert (cfg.optim.lr, cfg.optim.train_iters, cfg.model.rope.abf_base) == (1e-3, 100, 5e6)
+    assert isinstance(cfg.optim.lr, float) and isinstance(cfg.optim.train_iters, int)
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "long_sft"])

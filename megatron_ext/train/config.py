@@ -182,8 +182,38 @@ def _build(cls, data: Dict[str, Any], where: str):
     kwargs = {}
     for name, value in data.items():
         default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
-        kwargs[name] = _build(type(default), value, f"{where}{name}.") if dataclasses.is_dataclass(default) else value
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}{name}.")
+        else:
+            kwargs[name] = _typed(value, str(known[name].type), f"{where}{name}")
     return cls(**kwargs)
+
+
+def _typed(value: Any, annotation: str, key: str) -> Any:
+    """A scalar field's value in its declared type. YAML 1.1 reads ``1e-3`` as text, so
+    numbers written that way are converted; anything ambiguous raises, naming the key."""
+    def bad():
+        return ValueError(f"config key {key}: expected {annotation}, got {value!r}")
+
+    if annotation in ("float", "int"):
+        if isinstance(value, bool):
+            raise bad()
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad() from None
+        if annotation == "float":
+            return number
+        if not number.is_integer():
+            raise bad()
+        return int(number)
+    if annotation == "bool" and not isinstance(value, bool):
+        raise bad()
+    if annotation == "str":
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad()
+        return str(value)
+    return value
 
 
 def _set(tree: Dict[str, Any], dotted: str, raw: str) -> None:
