@@ -168,7 +168,25 @@ def run_memory(args, report):
         out[name] = {"per_rank_bytes": per_rank, "ratio": ratio, "ratio_times_p": ratio * p}
     print_table(f"Peak memory growth per rank, fwd+bwd, causal, N={n}, P={p}, h={h}, d={d} (target ratio*P <= 1.3)",
                 ["method", "peak MiB", "ratio vs full", "ratio*P"], rows)
-    report["memory"] = {"n": n, "p": p, **out}
+    unit = n // p * h * d * 4
+    model = ring_memory_model()
+    print_table(f"Ring backward peak per rank, modeled in U = one rank's q in fp32 ({unit / 2**20:.0f} MiB); "
+                f"the full process holds 8U x P, so ratio*P = total / 8",
+                ["part", "U", "MiB"], [[k, v, v * unit / 2**20] for k, v in model.items()])
+    report["memory"] = {"n": n, "p": p, **out, "ring_model_units": model, "unit_bytes": unit}
+
+
+def ring_memory_model() -> dict:
+    """Where the ring's backward peak goes (MHA, fp32, zigzag, a non-diagonal step), in
+    units of one rank's q. Any ring whose K/V travel holds at least the first two rows
+    (10U = 1.25/P); the double buffer and the travelling dK/dV add the rest."""
+    parts = {"q, k, v, dout, out, dq, dk, dv (as in the full process)": 8.0,
+             "foreign K/V block being computed on": 2.0,
+             "next K/V block arriving (double buffer)": 2.0,
+             "second dK/dV accumulator (one sent, one arriving)": 2.0,
+             "block gradients from the kernel (q half x kv all)": 2.5}
+    parts["total (ratio*P = total / 8)"] = sum(parts.values())
+    return parts
 
 
 def run_200k(args, report):
