@@ -102,10 +102,20 @@ def make_cell(plan: Plan, sp, haystack: str, length: int, depth: float) -> dict:
     return {"sample": sample, "prompt_ids": sp.encode(sample["prompt"]), "answer_ids": sp.encode(sample["response"])}
 
 
-def _broadcast(obj):
-    box = [obj]
+def _from_rank0(fn):
+    """fn() on rank 0, its result broadcast to every rank; an error there raises on all
+    ranks instead of leaving them waiting in the next collective."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except (ValueError, FileNotFoundError) as e:
+            box = [("error", str(e))]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    status, value = box[0]
+    if status == "error":
+        raise ValueError(value)
+    return value
 
 
 def run(plan: Plan) -> int:
@@ -121,16 +131,8 @@ def run(plan: Plan) -> int:
     from megatron.core import parallel_state
 
     cp_group = parallel_state.get_context_parallel_group()
-    todo = None
-    if rank == 0:
-        try:
-            todo = [(n, d) for n in plan.lengths for d in plan.depths
-                    if results.load_cell(out, n, d, plan.settings) is None]
-        except ValueError as e:
-            todo = str(e)
-    todo = _broadcast(todo)
-    if isinstance(todo, str):
-        raise ValueError(todo)
+    todo = _from_rank0(lambda: [(n, d) for n in plan.lengths for d in plan.depths
+                                if results.load_cell(out, n, d, plan.settings) is None])
     total = len(plan.lengths) * len(plan.depths)
     sp = load_tokenizer(plan.args.tokenizer_model) if rank == 0 else None
     haystack = " ".join(text for _, text in iter_texts(plan.args.haystack)) if rank == 0 and plan.args.haystack else ""
@@ -138,7 +140,7 @@ def run(plan: Plan) -> int:
         print(f"needle: {plan.args.kind}, {total} cells, {total - len(todo)} already finished in {out}; "
               f"CP={plan.cp} ({plan.args.cp_comm_type}), checkpoint {plan.info.path}", flush=True)
     for length, depth in todo:
-        cell = _broadcast(make_cell(plan, sp, haystack, length, depth) if rank == 0 else None)
+        cell = _from_rank0(lambda: make_cell(plan, sp, haystack, length, depth))
         t0 = time.perf_counter()
         score = score_answer(model, cell["prompt_ids"], cell["answer_ids"], cp_group, bf16)
         if rank == 0:
