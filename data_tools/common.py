@@ -44,7 +44,9 @@ def iter_texts(paths: Sequence[str], key: str = "text") -> Iterator[Tuple[int, s
                 try:
                     text = json.loads(raw)[key]
                 except (ValueError, KeyError, TypeError) as e:
-                    raise DataError(path, lineno, f"cannot read key {key!r}: {e}") from e
+                    raise DataError(path, lineno, f"need a JSON object with a string {key!r} ({e})") from None
+                if not isinstance(text, str):
+                    raise DataError(path, lineno, f"{key!r} is not a string")
                 yield doc, text
                 doc += 1
         else:

@@ -160,6 +160,7 @@ def _plan(**kw):
 
 
 def test_bad_requests_get_clear_errors(ckpt, data, corpus, tmp_path):
+    from data_tools.common import DataError
     from data_tools.tokenizer import train
 
     ok = {"checkpoint": ckpt, "tokenizer_model": data["tok"]}
@@ -178,6 +179,10 @@ def test_bad_requests_get_clear_errors(ckpt, data, corpus, tmp_path):
         _plan(**{**ok, "tokenizer_model": other})
     with pytest.raises(ValueError, match="--kind needle needs --haystack"):
         _plan(**ok, kind="needle")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 7}\n')
+    with pytest.raises(DataError, match=rf"{bad}:2: 'text' is not a string"):
+        _plan(**ok, kind="needle", haystack=[str(bad)])
     with pytest.raises(ValueError, match="--cp 2 must equal the number of processes"):
         _plan(**ok, cp=2)
     res = needle(["--checkpoint", ckpt, "--tokenizer-model", data["tok"], "--lengths", "4k", "--kind", "passkey",

@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
 
-from ..common import DataError, JsonlWriter, iter_lines, load_tokenizer, parse_int_list, progress
+from ..common import DataError, JsonlWriter, iter_texts, load_tokenizer, parse_int_list, progress
 from .cip import CipBuilder, CipConfig
-from .needle import needle_sample, parse_depths
+from .needle import needle_sample, parse_depths, read_haystack
 from .synl import QUESTION_TYPES, SynlConfig, synl_sample
 
 
@@ -27,25 +26,12 @@ def _counter(model: str):
     return lambda text: len(sp.encode(text))
 
 
-def _read_sources(paths, key: str):
-    """Every line is one document; its index across files is its id D."""
-    docs = []
-    for path, lineno, raw in iter_lines(paths):
-        try:
-            text = json.loads(raw)[key]
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(path, lineno, f"need a JSON object with a string {key!r} ({e})") from None
-        if not isinstance(text, str):
-            raise DataError(path, lineno, f"{key!r} is not a string")
-        docs.append(text)
-    return docs
-
-
 def run_cip(args, out: JsonlWriter) -> str:
     lo, hi = (int(x) for x in args.chunk_chars.split(":"))
     cfg = CipConfig(args.target_tokens, args.k, lo, hi, args.separator.encode().decode("unicode_escape"),
                     args.allow_reuse, args.mode, args.seed)
-    builder = CipBuilder(_read_sources(args.input, args.json_key), _counter(args.tokenizer_model), cfg)
+    sources = [text for _, text in iter_texts(args.input, args.json_key)]
+    builder = CipBuilder(sources, _counter(args.tokenizer_model), cfg)
     partial, tokens = 0, 0
     with progress(total=args.num_samples, unit="sample", desc=args.mode) as bar:
         for sample in builder.samples():
@@ -73,7 +59,7 @@ def run_synl(args, out: JsonlWriter) -> str:
 
 
 def run_needle(args, out: JsonlWriter) -> str:
-    haystack = "" if args.kind == "passkey" else " ".join(_read_sources(args.haystack, "text"))
+    haystack = "" if args.kind == "passkey" else read_haystack(args.haystack)
     if args.kind == "needle" and not haystack.strip():
         raise ValueError("--kind needle needs --haystack with text (or use --kind passkey)")
     rng, count = random.Random(args.seed), _counter(args.tokenizer_model)

@@ -12,10 +12,16 @@ import random
 import re
 from typing import List, Tuple
 
+from ..common import iter_texts
 from .fit import largest_fitting
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def read_haystack(paths) -> str:
+    """Every document of ``paths`` (JSONL key ``text``, or plain text files), space-joined."""
+    return " ".join(text for _, text in iter_texts(paths, "text"))
 
 
 def needle_for(kind: str, rng: random.Random) -> Tuple[str, str, str]:

@@ -25,9 +25,10 @@ from typing import List
 
 import torch.distributed as dist
 
-from data_tools.common import iter_texts, parse_int_list
-from data_tools.synth.needle import needle_sample, parse_depths
+from data_tools.common import DataError, parse_int_list
+from data_tools.synth.needle import needle_sample, parse_depths, read_haystack
 
+from ..rope import RopeConfig
 from . import results
 from .model import CheckpointInfo, check_tokenizer, eval_rope, read_checkpoint
 
@@ -41,12 +42,21 @@ class Plan:
     """A checked request: everything every rank needs before the process group exists."""
 
     args: argparse.Namespace
+    """The parsed command line."""
     info: CheckpointInfo
+    """The checkpoint, its config and vocabulary."""
     lengths: List[int]
+    """Context lengths, ascending, unique."""
     depths: List[float]
-    rope: object
+    """Needle depths in percent, ascending, unique."""
+    rope: RopeConfig
+    """RoPE for the evaluation (the checkpoint's, or extended)."""
     cp: int
+    """Context-parallel size (= world size)."""
     settings: dict
+    """What a stored cell must match to be reused."""
+    haystack: str
+    """The needle haystack text (read, and so checked, by every rank)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_plan(args) -> Plan:
-    """Check the request from the files alone; raises ValueError / FileNotFoundError."""
+    """Check the request from the files alone; raises ValueError / FileNotFoundError /
+    DataError (a bad haystack line)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     cp = args.cp or world
     if cp != world:
@@ -84,6 +95,7 @@ def make_plan(args) -> Plan:
     for path in args.haystack:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--haystack {path}: no such file")
+    haystack = read_haystack(args.haystack)
     info = read_checkpoint(args.checkpoint)
     check_tokenizer(args.tokenizer_model, info)
     rope, _ = eval_rope(info.config, lengths, args.rope_scaling, args.rope_factor)
@@ -91,13 +103,13 @@ def make_plan(args) -> Plan:
                 "seed": args.seed, "haystack": [os.path.abspath(p) for p in args.haystack],
                 "tokenizer": os.path.abspath(args.tokenizer_model), "rope_scaling": args.rope_scaling,
                 "rope_factor": args.rope_factor}
-    return Plan(args, info, sorted(set(lengths)), sorted(set(depths)), rope, cp, settings)
+    return Plan(args, info, sorted(set(lengths)), sorted(set(depths)), rope, cp, settings, haystack)
 
 
-def make_cell(plan: Plan, sp, haystack: str, length: int, depth: float) -> dict:
+def make_cell(plan: Plan, sp, length: int, depth: float) -> dict:
     """The cell's prompt and answer tokens; the same on every run (seeded by the cell)."""
     rng = random.Random(f"{plan.args.seed}:{plan.args.kind}:{length}:{depth}")
-    sample = needle_sample(haystack, plan.args.kind, length - ANSWER_BUDGET, depth,
+    sample = needle_sample(plan.haystack, plan.args.kind, length - ANSWER_BUDGET, depth,
                            lambda text: len(sp.encode(text)), rng)
     return {"sample": sample, "prompt_ids": sp.encode(sample["prompt"]), "answer_ids": sp.encode(sample["response"])}
 
@@ -135,12 +147,11 @@ def run(plan: Plan) -> int:
                                 if results.load_cell(out, n, d, plan.settings) is None])
     total = len(plan.lengths) * len(plan.depths)
     sp = load_tokenizer(plan.args.tokenizer_model) if rank == 0 else None
-    haystack = " ".join(text for _, text in iter_texts(plan.args.haystack)) if rank == 0 and plan.args.haystack else ""
     if rank == 0:
         print(f"needle: {plan.args.kind}, {total} cells, {total - len(todo)} already finished in {out}; "
               f"CP={plan.cp} ({plan.args.cp_comm_type}), checkpoint {plan.info.path}", flush=True)
     for length, depth in todo:
-        cell = _from_rank0(lambda: make_cell(plan, sp, haystack, length, depth))
+        cell = _from_rank0(lambda: make_cell(plan, sp, length, depth))
         t0 = time.perf_counter()
         score = score_answer(model, cell["prompt_ids"], cell["answer_ids"], cp_group, bf16)
         if rank == 0:
@@ -165,12 +176,12 @@ def _record(plan: Plan, cell: dict, score, length: int, depth: float, seconds: f
 
 def _report(plan: Plan) -> None:
     out, cells = plan.args.out, results.load_cells(plan.args.out)
-    title = (f"{plan.args.kind}: {plan.info.path} (iteration {plan.info.iteration}), "
-             f"accuracy {sum(c['score'] for c in cells) / len(cells):.2f}")
+    accuracy = sum(c["score"] for c in cells) / len(cells)
+    title = f"{plan.args.kind}: {plan.info.path} (iteration {plan.info.iteration}), accuracy {accuracy:.2f}"
     paths = [results.write_summary(out, cells), results.plot_heatmap(cells, os.path.join(out, "heatmap.png"), title)]
     if plan.args.kind == "passkey":
         paths += results.write_passkey_report(out, cells, title)
-    print(f"needle: {len(cells)} cells, accuracy {sum(c['score'] for c in cells) / len(cells):.2f}; "
+    print(f"needle: {len(cells)} cells, accuracy {accuracy:.2f}; "
           f"heatmap {paths[1]}; wrote {', '.join(paths[:1] + paths[2:])}", flush=True)
 
 
@@ -178,19 +189,24 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         plan = make_plan(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"needle: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, DataError) as e:
+        return _fail(e)
     from ..distributed import init_distributed_from_env
 
     init_distributed_from_env()
     try:
         return run(plan)
     except ValueError as e:
-        print(f"needle: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     finally:
         dist.destroy_process_group()
+
+
+def _fail(error: Exception) -> int:
+    """Every rank exits 2; only rank 0 says why (they all hit the same error)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"needle: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -69,6 +69,15 @@ def write_summary(out_dir: str, cells: List[dict]) -> str:
     return path
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save_figure(fig, path: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=FIGURE_DPI)
@@ -83,11 +92,7 @@ def _length_label(n: int) -> str:
 def plot_heatmap(cells: List[dict], path: str, title: str) -> str:
     """Score by depth (y, 0 % at the top) and context length (x); each cell shows its
     answer's mean log-prob. Missing cells stay blank."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     lengths = sorted({c["length"] for c in cells})
     depths = sorted({c["depth"] for c in cells})
     grid = [[math.nan] * len(lengths) for _ in depths]
@@ -120,11 +125,7 @@ def accuracy_by_length(cells: List[dict]) -> List[Dict[str, float]]:
 
 def write_passkey_report(out_dir: str, cells: List[dict], title: str) -> List[str]:
     """passkey_accuracy.md (a table) and passkey_accuracy.png (accuracy against length)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = accuracy_by_length(cells)
     lines = [f"# {title}", "", "| length | cells | accuracy | mean answer log-prob |", "|---|---|---|---|"]
     lines += [f"| {r['length']} | {r['cells']} | {r['accuracy']:.2f} | {r['mean_logprob']:.3f} |" for r in rows]

@@ -35,6 +35,11 @@ class AnswerScore:
     """The model's argmax at each answer position (equals greedy output up to first_mismatch)."""
 
 
+def _padded(seq: List[int], cp_size: int) -> List[int]:
+    """End-padded to a multiple of 2 x CP (zigzag); causal attention never reads the pad."""
+    return seq + [0] * (-len(seq) % (2 * cp_size))
+
+
 @contextlib.contextmanager
 def _hidden_states_only(model):
     """GPTModel returns its final (normed) hidden states instead of logits while
@@ -67,8 +72,7 @@ def score_answer(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], cp
     if not prompt_ids or not answer_ids:
         raise ValueError(f"score_answer needs a prompt and an answer, got {len(prompt_ids)} and {len(answer_ids)} tokens")
     rank, size = rank_and_size(cp_group)
-    seq = list(prompt_ids) + list(answer_ids)
-    seq += [0] * (-len(seq) % (2 * size))
+    seq = _padded(list(prompt_ids) + list(answer_ids), size)
     device = next(model.parameters()).device
     tokens = torch.tensor([seq], dtype=torch.long, device=device)
     positions = position_ids(len(seq), rank, size, "zigzag").to(device)
@@ -101,7 +105,7 @@ def greedy_decode(model, prompt_ids: Sequence[int], max_new_tokens: int) -> Tupl
     device = next(model.parameters()).device
     seq, logprobs = list(prompt_ids), []
     for _ in range(max_new_tokens):
-        padded = seq + [0] * (len(seq) % 2)  # the zigzag CP attention wants an even length, even at P = 1
+        padded = _padded(seq, 1)  # the zigzag CP attention wants an even length, even at P = 1
         tokens = torch.tensor([padded], dtype=torch.long, device=device)
         logits = model(tokens, torch.arange(len(padded), device=device).unsqueeze(0), None)[0, len(seq) - 1].float()
         nxt = int(logits.argmax())
