@@ -18,14 +18,12 @@ def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tens
     """Fold one block into the running result, in place.
 
     out_acc: [b, s, h, d] fp32 (may be a view); lse_acc: [b, h, s] fp32 (may be a view)
-    out_blk: [b, s, h, d] any float dtype, consumed (overwritten) to save a
-    temporary; lse_blk: [b, h, s].
+    out_blk: [b, s, h, d] any float dtype; lse_blk: [b, h, s].
     ``lse_acc`` must already be finite: start from the first block, not from -inf.
     """
     lse_blk = lse_blk.to(lse_acc.dtype)
     weight = torch.sigmoid(lse_blk - lse_acc).transpose(1, 2).unsqueeze(-1)  # [b, s, h, 1]
-    delta = out_blk.to(out_acc.dtype)
-    out_acc.add_(delta.sub_(out_acc).mul_(weight))
+    out_acc.lerp_(out_blk.to(out_acc.dtype), weight)  # one pass: the ring merges many small blocks
     lse_acc.sub_(F.logsigmoid(lse_acc - lse_blk))
 
 
