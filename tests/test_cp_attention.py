@@ -75,3 +75,36 @@ def test_error_does_not_grow_with_world_size(method):
     for n in TENSORS:
         assert worst[8][n] <= FP32_TOL
         assert worst[8][n] <= 2 * worst[2][n], (n, worst)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_ring_kv_chunks_exact(world_size):
+    # 72 tokens: zigzag halves of 18, 12 or 9 rows. Whole blocks, uneven pieces (5
+    # waves) and more waves asked for than rows (clamped to one row each).
+    cases = [Case("ring", causal=c, h=8, h_kv=2, d=64, layout=lay, b=2, seq_len=72, kv_chunks=n)
+             for c in (True, False) for lay in ("zigzag", "contiguous") for n in (1, 5, 1000)]
+    results = spawn_ranks(exactness_worker, world_size, (cases,), timeout_s=60)
+    for case in cases:
+        worst = _worst(results, case)
+        assert max(worst.values()) <= FP32_TOL, (case.key, worst)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_ring_kv_chunks_must_be_positive_int(bad):
+    import torch
+    from megatron_ext.attention import ring_attention
+
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="kv_chunks must be None or a positive int"):
+        ring_attention(q, q, q, kv_chunks=bad)
+
+
+def test_ring_automatic_waves():
+    from megatron_ext.attention.ring import kv_waves
+
+    # pieces of a zigzag half stay >= 512 rows, at most 16 waves; explicit counts clamp to rows
+    assert kv_waves(16384, "zigzag", None) == 16
+    assert kv_waves(4096, "zigzag", None) == 4
+    assert kv_waves(4096, "contiguous", None) == 8
+    assert kv_waves(1000, "zigzag", None) == 1
+    assert kv_waves(24, "zigzag", 1000) == 12

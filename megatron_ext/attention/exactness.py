@@ -8,6 +8,7 @@ of out, dq, dk and dv on that shard.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
@@ -48,6 +49,8 @@ class Case:
     """Seed of the inputs, identical on every rank."""
     ulysses_size: int = 1
     """Ulysses degree U of method "hybrid" (ring degree = world size / U)."""
+    kv_chunks: Optional[int] = None
+    """Method "ring" only: K/V waves; None is the ring's default."""
 
     @property
     def key(self) -> str:
@@ -75,7 +78,8 @@ def run_case(rank: int, world_size: int, case: Case, group=None, mesh=None) -> d
     if case.method == "hybrid":
         out = hybrid_attention(*mine, mesh.ulysses_group, mesh.ring_group, causal=case.causal, layout=case.layout)
     else:
-        out = METHODS[case.method](*mine, group, causal=case.causal, layout=case.layout)
+        options = {} if case.kv_chunks is None else {"kv_chunks": case.kv_chunks}
+        out = METHODS[case.method](*mine, group, causal=case.causal, layout=case.layout, **options)
     out.backward(shard(dout))
     got = [out] + [t.grad for t in mine]
     want = [ref_out] + [t.grad for t in ref]

@@ -1,13 +1,18 @@
-"""Ring attention: K/V blocks rotate around the group by P2P while every rank
+"""Ring attention: K/V slices rotate around the group by P2P while every rank
 keeps its queries (Liu et al. 2023; zigzag balancing as in ring-flash-attention).
 
-Parts: step plan, forward, backward, ``autograd.Function``, public wrapper.
-The next K/V block is in flight while the current one is computed (double
-buffer); in backward the travelling dK/dV accumulators come home after P hops.
+Parts: slicing plan, K/V stream, forward, backward, ``autograd.Function``,
+public wrapper. Each rank computes its own (diagonal) block first, from its own
+K/V. Foreign K/V then travel in ``kv_chunks`` waves: wave w carries slice w of
+every rank's block (piece w of each zigzag half, so every step stays balanced)
+P-1 hops round the ring. A rank holds a few slices at a time, never a whole
+foreign block, so the extra memory is O(block / kv_chunks). The next slice is
+in flight while the current one is computed (double buffer); in backward each
+slice's dK/dV accumulator follows it one hop behind and comes home after P-1 hops.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -19,124 +24,180 @@ from .merge import accumulator_dtype, merge_into
 from .stats import timed_compute
 
 Tensor = torch.Tensor
-# (q rows, kv rows, causal) of one block; ``None`` means the block is fully masked.
-BlockPlan = Optional[Tuple[slice, slice, bool]]
+# One kernel call on a foreign slice: (rows of my q, rows of the packed slice).
+Call = Tuple[slice, slice]
 _ALL = slice(None)
+# kv_chunks=None: as many waves as keep pieces >= MIN_PIECE_ROWS, at most MAX_AUTO_CHUNKS.
+# Shorter pieces cost kernel efficiency (and balance); 16 waves hold the ring at 1.2/P of
+# the single-process peak at N=65536, P=4, MHA fp32 (bench.ring_attention).
+MAX_AUTO_CHUNKS = 16
+MIN_PIECE_ROWS = 512
 
 
-def ring_step_plan(rank: int, source: int, world_size: int, s_local: int, causal: bool, layout: str) -> BlockPlan:
-    """Which part of the block (my q, kv from ``source``) is unmasked.
+def foreign_calls(rank: int, source: int, s_local: int, piece: int, causal: bool, layout: str) -> List[Call]:
+    """The unmasked kernel calls of my q against a slice of ``source``'s K/V.
 
-    zigzag: rank r holds chunks (r, 2P-1-r). KV from an earlier rank only meets
-    our queries in its first chunk; from a later rank only our second chunk of
-    queries sees it, but sees all of it. Both are half a block: equal work.
+    A packed slice holds ``piece`` rows of each half of the source block (zigzag)
+    or ``piece`` rows of it (contiguous). zigzag: K/V from an earlier rank only
+    meet our queries in its first half; from a later rank only our second half
+    of queries sees it, but sees all of it: equal work on every rank. Queries
+    are split in halves so a call's dQ temporary is at most half of q.
     """
-    if not causal:
-        return _ALL, _ALL, False
-    if source == rank:
-        return _ALL, _ALL, True
-    if layout == "contiguous":
-        return (_ALL, _ALL, False) if source < rank else None
     half = s_local // 2
+    q_halves = [slice(0, half), slice(half, None)] if half else [_ALL]
+    if not causal:
+        return [(qs, _ALL) for qs in q_halves]
+    if layout == "contiguous":
+        return [(qs, _ALL) for qs in q_halves] if source < rank else []
     if source < rank:
-        return _ALL, slice(0, half), False
-    return slice(half, None), _ALL, False
+        return [(qs, slice(0, piece)) for qs in q_halves]
+    return [(slice(half, None), _ALL)]
+
+
+def kv_waves(s_local: int, layout: str, kv_chunks: Optional[int]) -> int:
+    """How many waves a block of ``s_local`` rows travels in for ``kv_chunks`` (None: automatic)."""
+    seg_len = s_local // (2 if layout == "zigzag" else 1)
+    if kv_chunks is None:
+        kv_chunks = min(MAX_AUTO_CHUNKS, seg_len // MIN_PIECE_ROWS)
+    return max(1, min(kv_chunks, seg_len))
 
 
 class _Ring:
-    """Per-call state: the group, its comm and the rotation buffers."""
+    """Per-call state: the group, its comm, and how a K/V block is cut into slices."""
 
-    def __init__(self, group):
+    def __init__(self, group, s_local: int, layout: str, kv_chunks: Optional[int]):
         self.rank, self.world_size = rank_and_size(group)
         self.comm = RingComm(group) if self.world_size > 1 else None
-        self._spare: List[List[Tensor]] = []
+        self.segments = 2 if layout == "zigzag" else 1
+        seg_len = s_local // self.segments
+        waves = kv_waves(s_local, layout, kv_chunks)
+        # piece w of every segment; pieces differ by at most one row
+        self.pieces = [(seg_len * w // waves, seg_len * (w + 1) // waves) for w in range(waves)]
+        self.seg_len, self.s_local, self.layout = seg_len, s_local, layout
 
-    def rotate(self, tensors: List[Tensor], tag: int, phase: str):
-        """Start sending ``tensors`` on; returns (works, receive buffers)."""
-        if not self._spare:
-            self._spare.append([torch.empty_like(t) for t in tensors])
-        recv = self._spare.pop()
-        return self.comm.exchange(tensors, recv, tag, phase), recv
+    def hops(self) -> int:
+        return len(self.pieces) * (self.world_size - 1)
 
-    def recycle(self, buffers: List[Tensor]) -> None:
-        """Hand back buffers whose send has completed."""
-        self._spare.append(buffers)
+    def _rows(self, wave: int) -> List[slice]:
+        lo, hi = self.pieces[wave]
+        return [slice(seg * self.seg_len + lo, seg * self.seg_len + hi) for seg in range(self.segments)]
+
+    def pack(self, k: Tensor, v: Tensor, wave: int) -> Tensor:
+        """Slice ``wave`` of k, v [b, s, h_kv, d] -> one buffer [2, b, segments * piece, h_kv, d]."""
+        rows = self._rows(wave)
+        return torch.stack([torch.cat([t[:, r] for r in rows], dim=1) for t in (k, v)])
+
+    def add_home(self, dk: Tensor, dv: Tensor, grads: Tensor, wave: int) -> None:
+        """Add a returned slice accumulator [2, b, segments * piece, h_kv, d] into dk, dv."""
+        at = 0
+        for r in self._rows(wave):
+            n = r.stop - r.start
+            dk[:, r] += grads[0][:, at:at + n]
+            dv[:, r] += grads[1][:, at:at + n]
+            at += n
+
+    def calls(self, source: int, wave: int, causal: bool) -> List[Call]:
+        lo, hi = self.pieces[wave]
+        return foreign_calls(self.rank, source, self.s_local, hi - lo, causal, self.layout)
+
+    def kv_stream(self, k: Tensor, v: Tensor, phase: str) -> Iterator[Tuple[int, int, int, Tensor]]:
+        """Yield (wave, hop in wave 1..P-1, source rank, packed slice) for every foreign slice.
+
+        The first hop is posted at once, so the caller's diagonal block overlaps it;
+        hop h+1 is posted before slice h is handed out, so it overlaps slice h's compute.
+        Each hop sends one slice and receives one: the order is the same on every rank.
+        """
+        if self.hops() == 0:
+            return iter(())
+        pending = self.post(self.pack(k, v, 0), phase)
+        return self._stream(pending, k, v, phase)
+
+    def _stream(self, pending, k, v, phase):
+        p = self.world_size
+        for hop in range(self.hops()):
+            wave, step = divmod(hop, p - 1)
+            step += 1
+            works, recv = pending
+            wait_all(works)
+            if hop + 1 < self.hops():  # forward this slice on, or start the next wave with my own
+                pending = self.post(recv if step < p - 1 else self.pack(k, v, wave + 1), phase)
+            yield wave, step, (self.rank - step) % p, recv
+
+    def post(self, send: Tensor, phase: str, tag: int = TAG_KV):
+        """Send ``send`` to the next rank, receive its like from the previous: (works, receive buffer)."""
+        recv = torch.empty_like(send)
+        return self.comm.exchange([send], [recv], tag, phase), recv
 
 
-def ring_forward(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, scale: float, layout: str):
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, scale: float, layout: str,
+                 kv_chunks: Optional[int] = None):
     """q: [b, s, h, d], k/v: [b, s, h_kv, d] -> out [b, s, h, d] (q dtype), lse [b, h, s] fp32."""
-    ring = _Ring(group)
+    ring = _Ring(group, q.shape[1], layout, kv_chunks)
     kernel = select_kernel(q.device, q.dtype)
-    out = lse = None
-    kv, owned = [k.contiguous(), v.contiguous()], False
-    for step in range(ring.world_size):
-        works, nxt = ring.rotate(kv, TAG_KV, "forward") if step < ring.world_size - 1 else (None, None)
-        plan = ring_step_plan(ring.rank, (ring.rank - step) % ring.world_size, ring.world_size, q.shape[1], causal, layout)
-        if plan is not None:
-            qs, ks, blk_causal = plan
+    acc = accumulator_dtype(q.dtype)
+    stream = ring.kv_stream(k, v, "forward")
+    with timed_compute("forward"):
+        out, lse = kernel.forward(q, k, v, causal, scale)
+    out, lse = out.to(acc), lse.to(acc)
+    for wave, _, source, kv in stream:
+        for qs, ks in ring.calls(source, wave, causal):
             with timed_compute("forward"):
-                o_blk, l_blk = kernel.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], blk_causal, scale)
-            if out is None:  # step 0 is the diagonal block: it covers every row
-                out, lse = o_blk.to(accumulator_dtype(q.dtype)), l_blk.to(accumulator_dtype(q.dtype))
-            else:
-                merge_into(out[:, qs], lse[:, :, qs], o_blk, l_blk)
-        wait_all(works)
-        if owned:
-            ring.recycle(kv)
-        if nxt is not None:
-            kv, owned = nxt, True
+                o_blk, l_blk = kernel.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], False, scale)
+            merge_into(out[:, qs], lse[:, :, qs], o_blk, l_blk)
     return out.to(q.dtype), lse
 
 
-def ring_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: float, layout: str):
+def ring_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: float, layout: str,
+                  kv_chunks: Optional[int] = None):
     """Gradients of :func:`ring_forward`; dq/dk/dv accumulate in fp32, return in input dtype."""
-    ring = _Ring(group)
+    ring = _Ring(group, q.shape[1], layout, kv_chunks)
     kernel = select_kernel(q.device, q.dtype)
     acc = accumulator_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dkv = [torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)]
-    dkv_ring = _Ring(group)
-    kv, owned = [k.contiguous(), v.contiguous()], False
-    dkv_works = dkv_sent = dkv_next = None  # the dK/dV hop in flight (none at P = 1)
-    for step in range(ring.world_size):
-        works, nxt = ring.rotate(kv, TAG_KV, "backward") if step < ring.world_size - 1 else (None, None)
-        plan = ring_step_plan(ring.rank, (ring.rank - step) % ring.world_size, ring.world_size, q.shape[1], causal, layout)
-        grads = None
-        if plan is not None:
-            qs, ks, blk_causal = plan
+    stream = ring.kv_stream(k, v, "backward")
+    with timed_compute("backward"):
+        dq, dk, dv = (t.to(acc) for t in kernel.backward(dout, q, k, v, out, lse, causal, scale))
+    relay = None  # the dK/dV hop in flight: (works, accumulator arriving)
+    for wave, step, source, kv in stream:
+        grads = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        for qs, ks in ring.calls(source, wave, causal):
             with timed_compute("backward"):
-                grads = kernel.backward(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs], lse[:, :, qs], blk_causal, scale)
-            dq[:, qs] += grads[0]
-        if dkv_works is not None:  # the accumulator for this step's kv block arrives
-            wait_all(dkv_works)
-            dkv_ring.recycle(dkv_sent)
-            dkv = dkv_next
-        if grads is not None:
-            dkv[0][:, ks] += grads[1]
-            dkv[1][:, ks] += grads[2]
-        if ring.world_size > 1:
-            dkv_works, dkv_next = dkv_ring.rotate(dkv, TAG_DKV, "backward")
-            dkv_sent = dkv
-        wait_all(works)
-        if owned:
-            ring.recycle(kv)
-        if nxt is not None:
-            kv, owned = nxt, True
-    if dkv_works is not None:  # last hop brings our own block's dK/dV home
-        wait_all(dkv_works)
-        dkv = dkv_next
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+                g_q, g_k, g_v = kernel.backward(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
+                                                lse[:, :, qs], False, scale)
+            dq[:, qs] += g_q
+            grads[0][:, ks] += g_k
+            grads[1][:, ks] += g_v
+            del g_q, g_k, g_v
+        if relay is not None:
+            wait_all(relay[0])
+            if step == 1:  # the previous wave's accumulator of my own slice is home
+                ring.add_home(dk, dv, relay[1], wave - 1)
+            else:  # the same slice's accumulator from the ranks before me
+                grads += relay[1]
+        relay = ring.post(grads, "backward", TAG_DKV)
+        del grads
+    if relay is not None:
+        wait_all(relay[0])
+        ring.add_home(dk, dv, relay[1], len(ring.pieces) - 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 RingAttentionFunction = cp_attention_function("RingAttentionFunction", ring_forward, ring_backward)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = True,
-                   softmax_scale: Optional[float] = None, layout: str = "zigzag") -> Tensor:
-    """Context-parallel attention by KV rotation.
+                   softmax_scale: Optional[float] = None, layout: str = "zigzag",
+                   kv_chunks: Optional[int] = None) -> Tensor:
+    """Context-parallel attention by K/V rotation.
 
     q: [b, s_local, h, d]; k, v: [b, s_local, h_kv, d] with h % h_kv == 0, each
     this rank's ``layout`` shard of the sequence. Returns [b, s_local, h, d] in q's
     dtype. ``group=None`` is the default group; ``softmax_scale`` defaults to d**-0.5.
+    ``kv_chunks`` is how many waves a K/V block travels in (at most one per row of
+    a zigzag half): the backward holds about 7 x (k + v) / kv_chunks in fp32 beyond
+    the local tensors and their gradients, plus half of q. 1 sends whole blocks, as
+    ring-flash-attention does; None (default) picks up to 16, keeping pieces of a
+    zigzag half >= 512 rows.
     """
-    return apply_cp_attention(RingAttentionFunction, q, k, v, group, causal, softmax_scale, layout)
+    if kv_chunks is not None and (not isinstance(kv_chunks, int) or isinstance(kv_chunks, bool) or kv_chunks < 1):
+        raise ValueError(f"kv_chunks must be None or a positive int, got {kv_chunks!r}")
+    return apply_cp_attention(RingAttentionFunction, q, k, v, group, causal, softmax_scale, layout, kv_chunks)

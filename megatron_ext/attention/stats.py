@@ -73,8 +73,9 @@ def modeled_bytes(method: str, *, b: int, s_local: int, h: int, h_kv: int, d: in
     accumulators (dK/dV travel or are reduce-scattered in fp32).
 
     * ring / all-gather forward: 2 * S * d_kv * (P-1)/P, with S = P * s_local and
-      d_kv = h_kv * d. Backward: the same K/V again plus dK/dV, which for the ring
-      make P hops and for all-gather one ring reduce-scatter ((P-1) blocks).
+      d_kv = h_kv * d. Backward: the same K/V again plus dK/dV, (P-1) blocks for
+      both: the ring's accumulators make P-1 hops (the first rank to use a slice
+      starts one), all-gather does one ring reduce-scatter.
     * Ulysses (degree U): four all-to-alls that each keep 1/U at home: q/k/v and
       out forward, dout and dq/dk/dv backward; KV heads count after replication
       to lcm(h_kv, U).
@@ -83,9 +84,8 @@ def modeled_bytes(method: str, *, b: int, s_local: int, h: int, h_kv: int, d: in
     kv_local = 2 * b * s_local * h_kv * d
     if method in ("ring", "allgather"):
         p = cp_size
-        back_hops = p if method == "ring" else p - 1
         return {"forward": kv_local * (p - 1) * elem,
-                "backward": kv_local * (p - 1) * elem + kv_local * back_hops * acc_elem * (p > 1)}
+                "backward": kv_local * (p - 1) * (elem + acc_elem)}
     if method not in ("ulysses", "hybrid"):
         raise ValueError(f"unknown CP method {method!r}")
     u = cp_size if method == "ulysses" else ulysses_size
@@ -96,5 +96,5 @@ def modeled_bytes(method: str, *, b: int, s_local: int, h: int, h_kv: int, d: in
     o = b * s_local * h * d * elem
     ring_kv = 2 * b * s_local * h_kv_rep * d  # per rank after the all-to-all: U*s_local tokens, h_kv_rep/U heads
     ring_fwd = ring_kv * (r - 1) * elem
-    ring_bwd = ring_fwd + ring_kv * r * acc_elem * (r > 1)
+    ring_bwd = ring_fwd + ring_kv * (r - 1) * acc_elem
     return {"forward": keep * (qkv + o) + ring_fwd, "backward": keep * (o + qkv) + ring_bwd}
