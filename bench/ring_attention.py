@@ -11,7 +11,8 @@ bench/results/ring_attention.json. Definitions:
 * balance     max/min over ranks of block-kernel CPU time (fwd+bwd), causal, P=4,
               zigzag vs contiguous. Target zigzag <= 1.05.
 * memory      peak RSS growth per rank during fwd+bwd (inputs, outputs, grads and
-              buffers) at N=65536, P=4, vs one process on the full sequence.
+              buffers) at N=65536, P=4, vs one process on the full sequence;
+              the ring at its default kv_chunks (16 here) and at 1 (whole blocks).
               Target <= 1.3/P. Run with MALLOC_MMAP_THRESHOLD_=131072 (as `make
               bench` does) so RSS tracks live tensors, not glibc's retained heap.
 * 200k        one 196,608-token sequence, fwd+bwd over 8 ranks (h=2, d=32),
@@ -21,6 +22,7 @@ bench/results/ring_attention.json. Definitions:
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -30,12 +32,17 @@ from bench.common import print_table, synced_time, write_json
 from megatron_ext.attention import allgather_attention, ring_attention
 from megatron_ext.attention.blocks import CpuFlashKernel
 from megatron_ext.attention.reference import reference_rows
+from megatron_ext.attention.ring import kv_waves
 from megatron_ext.attention.stats import record_cp_stats
 from megatron_ext.distributed import spawn_ranks
 from megatron_ext.sysinfo import peak_rss_bytes as peak_rss, reset_peak_rss
 from megatron_ext.sharding import position_ids, shard_sequence
 
-METHODS = {"ring": ring_attention, "allgather": allgather_attention}
+# "ring" runs with its default (automatic) kv_chunks; whole blocks show the trade.
+RING_VARIANTS = (1,)
+METHODS = {"ring": ring_attention,
+           **{f"ring kv_chunks={c}": functools.partial(ring_attention, kv_chunks=c) for c in RING_VARIANTS},
+           "allgather": allgather_attention}
 
 
 def _local_inputs(n_local, h, d, seed, grad=True):
@@ -133,7 +140,7 @@ def run_efficiency(args, report):
     t_fwd, t_fb = full_times(n, h, d, args.reps)
     res = spawn_ranks(efficiency_worker, p, (n, h, d, args.reps), timeout_s=1800)
     rows, out = [["full (1 proc)", t_fwd, t_fb, 1.0, 1.0]], {}
-    for name in ("ring", "allgather", "torch_templated"):
+    for name in (*METHODS, "torch_templated"):
         f = max(r[name][0] for r in res)
         fb = None if res[0][name][1] is None else max(r[name][1] for r in res)
         eff = (t_fwd / (p * f), None if fb is None else t_fb / (p * fb))
@@ -169,22 +176,26 @@ def run_memory(args, report):
     print_table(f"Peak memory growth per rank, fwd+bwd, causal, N={n}, P={p}, h={h}, d={d} (target ratio*P <= 1.3)",
                 ["method", "peak MiB", "ratio vs full", "ratio*P"], rows)
     unit = n // p * h * d * 4
-    model = ring_memory_model()
+    chunks = (kv_waves(n // p, "zigzag", None), *RING_VARIANTS)
+    models = {c: ring_memory_model(c) for c in chunks}
+    measured = [out["ring"]["per_rank_bytes"]] + [out[f"ring kv_chunks={c}"]["per_rank_bytes"] for c in RING_VARIANTS]
+    table = [[part] + [models[c][part] for c in chunks] for part in models[chunks[0]]]
+    table.append(["measured (U)"] + [m / unit for m in measured])
     print_table(f"Ring backward peak per rank, modeled in U = one rank's q in fp32 ({unit / 2**20:.0f} MiB); "
                 f"the full process holds 8U x P, so ratio*P = total / 8",
-                ["part", "U", "MiB"], [[k, v, v * unit / 2**20] for k, v in model.items()])
-    report["memory"] = {"n": n, "p": p, **out, "ring_model_units": model, "unit_bytes": unit}
+                ["part"] + [f"kv_chunks={c}" for c in chunks], table)
+    report["memory"] = {"n": n, "p": p, **out, "ring_model_units": {str(c): m for c, m in models.items()},
+                        "unit_bytes": unit}
 
 
-def ring_memory_model() -> dict:
-    """Where the ring's backward peak goes (MHA, fp32, zigzag, a non-diagonal step), in
-    units of one rank's q. Any ring whose K/V travel holds at least the first two rows
-    (10U = 1.25/P); the double buffer and the travelling dK/dV add the rest."""
+def ring_memory_model(kv_chunks: int) -> dict:
+    """Where the ring's backward peak goes (MHA, fp32, zigzag, a foreign step), in units
+    of one rank's q. A slice (k and v, one wave) is 2U / kv_chunks."""
+    kv_slice = 2.0 / kv_chunks
     parts = {"q, k, v, dout, out, dq, dk, dv (as in the full process)": 8.0,
-             "foreign K/V block being computed on": 2.0,
-             "next K/V block arriving (double buffer)": 2.0,
-             "second dK/dV accumulator (one sent, one arriving)": 2.0,
-             "block gradients from the kernel (q half x kv all)": 2.5}
+             "K/V slices: computed on, arriving, own one starting the next wave": 3 * kv_slice,
+             "dK/dV slice accumulators: being built, sent, arriving": 3 * kv_slice,
+             "kernel temporaries: dQ of half the queries, dK/dV of a slice": 0.5 + kv_slice}
     parts["total (ratio*P = total / 8)"] = sum(parts.values())
     return parts
 
