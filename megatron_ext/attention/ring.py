@@ -78,23 +78,27 @@ class _Ring:
     def hops(self) -> int:
         return len(self.pieces) * (self.world_size - 1)
 
-    def _rows(self, wave: int) -> List[slice]:
+    def _spans(self, wave: int) -> List[Tuple[slice, slice]]:
+        """(rows of the local block, rows of the packed slice) for each segment's piece ``wave``."""
         lo, hi = self.pieces[wave]
-        return [slice(seg * self.seg_len + lo, seg * self.seg_len + hi) for seg in range(self.segments)]
+        n = hi - lo
+        return [(slice(seg * self.seg_len + lo, seg * self.seg_len + hi), slice(seg * n, (seg + 1) * n))
+                for seg in range(self.segments)]
 
     def pack(self, k: Tensor, v: Tensor, wave: int) -> Tensor:
         """Slice ``wave`` of k, v [b, s, h_kv, d] -> one buffer [2, b, segments * piece, h_kv, d]."""
-        rows = self._rows(wave)
-        return torch.stack([torch.cat([t[:, r] for r in rows], dim=1) for t in (k, v)])
+        lo, hi = self.pieces[wave]
+        buf = k.new_empty((2, k.shape[0], self.segments * (hi - lo)) + tuple(k.shape[2:]))
+        for block_rows, slice_rows in self._spans(wave):
+            buf[0][:, slice_rows] = k[:, block_rows]
+            buf[1][:, slice_rows] = v[:, block_rows]
+        return buf
 
     def add_home(self, dk: Tensor, dv: Tensor, grads: Tensor, wave: int) -> None:
         """Add a returned slice accumulator [2, b, segments * piece, h_kv, d] into dk, dv."""
-        at = 0
-        for r in self._rows(wave):
-            n = r.stop - r.start
-            dk[:, r] += grads[0][:, at:at + n]
-            dv[:, r] += grads[1][:, at:at + n]
-            at += n
+        for block_rows, slice_rows in self._spans(wave):
+            dk[:, block_rows] += grads[0][:, slice_rows]
+            dv[:, block_rows] += grads[1][:, slice_rows]
 
     def calls(self, source: int, wave: int, causal: bool) -> List[Call]:
         lo, hi = self.pieces[wave]
