@@ -7,6 +7,8 @@ not finish within ``timeout_s`` makes the call raise ``TimeoutError`` naming
 it, after every child has been killed: nothing hangs.
 :func:`init_distributed_from_env` starts the group of a torchrun (or plain
 single-process) entry point.
+:func:`collective_device` / :func:`collective_tensor` are the one place that
+decides where a tensor handed to a collective lives (cuda for nccl, cpu for gloo).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import os
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -96,3 +98,19 @@ def init_distributed_from_env() -> None:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"megatron_ext/attempt-{attempt}", store),
                             rank=rank, world_size=world, timeout=timeout)
+
+
+def collective_device(group=None) -> torch.device:
+    """The device a collective on ``group`` needs its tensors on: ``cuda`` (this
+    process's current device) for NCCL, ``cpu`` for gloo or no process group."""
+    if dist.is_available() and dist.is_initialized():
+        backend = str(dist.get_backend(group)).lower()
+        if "nccl" in backend:
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def collective_tensor(data, dtype: Optional[torch.dtype] = None, group=None) -> torch.Tensor:
+    """``torch.tensor(data, dtype)`` on :func:`collective_device` of ``group``: every
+    small tensor the code hands to a collective comes from here."""
+    return torch.tensor(data, dtype=dtype, device=collective_device(group))
