@@ -127,3 +127,15 @@ def test_torchrun_sh_runs_a_2_process_cpu_job(data, tmp_path):
     res = subprocess.run([os.path.join(REPO, "launch/torchrun.sh"), "--set", "bogus=1"], capture_output=True,
                          text=True, env=env, timeout=120, cwd=tmp_path)
     assert res.returncode != 0  # the trainer's status comes back
+
+
+def test_setup_torch_floor_covers_what_the_launch_scripts_use():
+    import ast
+    import re
+
+    tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
+    reqs = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    floor = [tuple(map(int, m.groups())) for r in reqs for m in [re.fullmatch(r"torch>=(\d+)\.(\d+)", r)] if m]
+    sbatch = open(os.path.join(REPO, "launch/slurm/train.sbatch")).read()
+    assert "--signals-to-handle" in sbatch
+    assert floor and floor[0] >= (2, 9), f"torchrun --signals-to-handle needs torch >= 2.9; setup.py allows {floor}"
