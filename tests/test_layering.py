@@ -92,3 +92,17 @@ def test_yarn_ramp_matches_megatron_core(dim, factor):
                                                  cfg.original_max_position)
     want = 1.0 - yarn._yarn_linear_ramp_mask(low, high, dim // 2, device="cpu").double()
     assert torch.equal(yarn_keep_mask(dim, cfg), want)
+
+
+def test_every_declared_pytest_marker_is_used():
+    """A marker in pytest.ini (and its README claim) must mark some test, or it promises nothing."""
+    import configparser
+    import re
+
+    ini = configparser.ConfigParser()
+    ini.read(ROOT / "pytest.ini")
+    declared = [line.split(":")[0].strip() for line in ini.get("pytest", "markers", fallback="").splitlines()
+                if line.strip()]
+    sources = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    unused = [m for m in declared if not re.search(rf"pytest\.mark\.{m}\b", sources)]
+    assert not unused, f"markers declared in pytest.ini but on no test: {unused}"
