@@ -5,7 +5,8 @@ from typing import Optional
 
 from megatron.core.models.gpt import GPTModel
 
-from ..rope import LongContextRotaryEmbedding, RopeConfig, attention_scale_factor
+from ..rope import RopeConfig, attention_scale_factor
+from .rope import LongContextRotaryEmbedding
 from .specs import get_gpt_block_cp_spec, get_gpt_layer_cp_spec
 
 

@@ -1,6 +1,8 @@
 """Layer specs that put :class:`ContextParallelAttention` into megatron-core's GPT layers.
 
-Megatron-LM: ``--spec megatron_ext.megatron.specs get_gpt_layer_cp_spec``.
+Megatron-LM: ``--spec megatron_ext.megatron.specs gpt_layer_cp_spec``. Megatron-LM's
+``import_module`` returns the named attribute itself and hands it to GPTModel as
+``transformer_layer_spec``, so that name must be a ModuleSpec, not a function.
 """
 from __future__ import annotations
 
@@ -61,3 +63,7 @@ def get_gpt_layer_cp_spec(num_experts=None, moe_grouped_gemm=False, qk_layernorm
 
         return _with_core_attention(get_gpt_layer_with_transformer_engine_spec(**args))
     return _with_core_attention(get_gpt_layer_local_spec(normalization=normalization, **args))
+
+
+# The Megatron-LM ``--spec`` target: the default local layer spec with our core attention.
+gpt_layer_cp_spec: ModuleSpec = get_gpt_layer_cp_spec()
