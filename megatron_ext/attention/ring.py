@@ -146,8 +146,11 @@ class _Ring:
         return [(slice(seg * self.seg_len + lo, seg * self.seg_len + hi), slice(seg * n, (seg + 1) * n))
                 for seg in range(self.segments)]
 
-    def pack(self, k: Tensor, v: Tensor, wave: int) -> Tensor:
-        """Slice ``wave`` of k, v [b, s, h_kv, d] -> one buffer [2, b, segments * piece, h_kv, d]."""
+    def pack(self, k: Tensor, v: Tensor, wave: int):
+        """Slice ``wave`` of k, v [b, s, h_kv, d] -> one buffer [2, b, segments * piece, h_kv, d];
+        whole blocks travel as they are, [k, v], with no copy."""
+        if len(self.pieces) == 1:
+            return [k.contiguous(), v.contiguous()]
         lo, hi = self.pieces[wave]
         buf = k.new_empty((2, k.shape[0], self.segments * (hi - lo)) + tuple(k.shape[2:]))
         for block_rows, slice_rows in self._spans(wave):
@@ -165,8 +168,9 @@ class _Ring:
         lo, hi = self.pieces[wave]
         return foreign_calls(self.rank, source, self.s_local, hi - lo, causal, self.layout)
 
-    def kv_stream(self, k: Tensor, v: Tensor, phase: str) -> Iterator[Tuple[int, int, int, Tensor]]:
-        """Yield (wave, hop in wave 1..P-1, source rank, packed slice) for every foreign slice.
+    def kv_stream(self, k: Tensor, v: Tensor, phase: str) -> Iterator[Tuple[int, int, int, object]]:
+        """Yield (wave, hop in wave 1..P-1, source rank, slice) for every foreign slice; a
+        slice is a [2, b, rows, h_kv, d] buffer, or [k, v] for whole blocks.
 
         The first hop is posted at once, so the caller's diagonal block overlaps it;
         hop h+1 is posted before slice h is handed out, so it overlaps slice h's compute.
@@ -184,14 +188,17 @@ class _Ring:
             step += 1
             works, recv = pending
             wait_all(works)
+            del works, pending  # the slice just sent goes back now (the caller drops its own)
             if hop + 1 < self.hops():  # forward this slice on, or start the next wave with my own
                 pending = self.post(recv if step < p - 1 else self.pack(k, v, wave + 1), phase)
             yield wave, step, (self.rank - step) % p, recv
 
-    def post(self, send: Tensor, phase: str, tag: int = TAG_KV):
-        """Send ``send`` to the next rank, receive its like from the previous: (works, receive buffer)."""
-        recv = torch.empty_like(send)
-        return self.comm.exchange([send], [recv], tag, phase), recv
+    def post(self, send, phase: str, tag: int = TAG_KV):
+        """Send ``send`` (a tensor, or a list of them) to the next rank, receive its like from
+        the previous: (works, receive buffer of the same kind)."""
+        sends = send if isinstance(send, list) else [send]
+        recvs = [torch.empty_like(t) for t in sends]
+        return self.comm.exchange(sends, recvs, tag, phase), (recvs if isinstance(send, list) else recvs[0])
 
 
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, scale: float, layout: str,
@@ -211,6 +218,7 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, scale: fl
             with timed_compute("forward"):
                 o_blk, l_blk = kernel.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], False, scale)
             merge_into(out[:, qs], lse[:, :, qs], o_blk, l_blk)
+        del kv  # before the stream posts the next hop: at most 3 slices live
     return out.to(q.dtype), lse
 
 
@@ -225,7 +233,7 @@ def ring_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: f
         dq, dk, dv = (t.to(acc) for t in kernel.backward(dout, q, k, v, out, lse, causal, scale))
     relay = None  # the dK/dV hop in flight: (works, accumulator arriving)
     for wave, step, source, kv in stream:
-        grads = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        grads = torch.zeros((2,) + tuple(kv[0].shape), dtype=acc, device=q.device)
         for qs, ks in ring.calls(source, wave, causal):
             with timed_compute("backward"):
                 g_q, g_k, g_v = kernel.backward(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
@@ -234,12 +242,16 @@ def ring_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: f
             grads[0][:, ks] += g_k
             grads[1][:, ks] += g_v
             del g_q, g_k, g_v
+        del kv  # before the stream posts the next hop: at most 3 slices live
         if relay is not None:
-            wait_all(relay[0])
+            works, arrived = relay
+            wait_all(works)
+            del works, relay  # the accumulator sent goes back before the next is posted
             if step == 1:  # the previous wave's accumulator of my own slice is home
-                ring.add_home(dk, dv, relay[1], wave - 1)
+                ring.add_home(dk, dv, arrived, wave - 1)
             else:  # the same slice's accumulator from the ranks before me
-                grads += relay[1]
+                grads += arrived
+            del arrived
         relay = ring.post(grads, "backward", TAG_DKV)
         del grads
     if relay is not None:
