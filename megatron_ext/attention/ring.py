@@ -33,7 +33,7 @@ _ALL = slice(None)
 # benchmark says otherwise) send whole blocks. Otherwise the backward takes as many waves as
 # keep each piece worth its fixed costs (min_piece_rows), at most MAX_AUTO_CHUNKS, and the
 # forward the fewest waves whose peak stays below that backward's (ring_memory_model).
-# 16 waves hold the ring at 1.19/P of the single-process peak at N=65536, P=4, MHA fp32.
+# 16 waves hold the ring at 1.18/P of the single-process peak at N=65536, P=4, MHA fp32.
 MAX_AUTO_CHUNKS = 16
 MIN_PIECE_ROWS = 512
 # A slice (k and v of every segment) carries >= 1 MiB, so a P2P message's latency is small
