@@ -1,6 +1,6 @@
 """Ring / all-gather CP attention on CPU gloo: efficiency, load balance, memory, 200K.
 
-    python -m bench.ring_attention [--sections efficiency,balance,memory,200k] [--heads 2,4] [--quick]
+    python -m bench.ring_attention [--sections efficiency,waves,balance,memory,200k] [--heads 2,4] [--quick]
 
 Every figure is measured side by side in this one run and written to
 bench/results/ring_attention.json. Every time is the minimum over --reps runs
