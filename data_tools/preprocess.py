@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import array
 import collections
+import gc
 import hashlib
 import itertools
 import json
@@ -251,6 +252,17 @@ class Preprocessor:
         return state
 
     def run(self) -> int:
+        # The pipeline makes no reference cycles; the collector's passes over the many small
+        # lists in flight cost ~5% of a run on small documents.
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run()
+        finally:
+            if gc_was_on:
+                gc.enable()
+
+    def _run(self) -> int:
         state = self._resume_state()
         if state and state.get("phase") == FINAL:
             return self._rename()
@@ -388,4 +400,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # every output is closed and fsynced: skip the interpreter's teardown (~15 ms)
