@@ -7,7 +7,8 @@ Pipelines, each timed on the same corpus in the same run, interleaved, minimum o
 
 * limit:          the tokenizer's own batch encode, texts already in memory, no I/O, all
                   cores: sentencepiece ``encode(texts, num_threads=cores)``; for ``hf:``
-                  ``[e.ids for e in tokenizers.Tokenizer.encode_batch_fast(texts)]``.
+                  ``[e.ids for e in tokenizers.Tokenizer.encode_batch_fast(texts)]``;
+                  Python's garbage collector off during the call (as in ours).
 * ours:           ``python -m data_tools.preprocess --append-eod --workers cores`` as a
                   subprocess, wall time INCLUDING interpreter start, imports, reading,
                   JSON, writing .bin/.idx (and "excl. start-up": the tool's own timer).
@@ -28,6 +29,7 @@ Writes bench/results/preprocess.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import gzip
 import json
@@ -152,9 +154,11 @@ def compare(name, spec, path, docs, tmp, reps, python_path):
     n_lim = lim() + len(texts)  # + one EOD per document, as ours writes
     t_lim, t_our, t_own, t_meg, rss = [], [], [], [], 0
     for _ in range(reps):
+        gc.disable()  # the tokenizer's best: no collector passes over its 100K fresh lists (ours runs so too)
         t0 = time.perf_counter()
         lim()
         t_lim.append(time.perf_counter() - t0)
+        gc.enable()
         n_our, wall, own, peak = ours(spec, path, os.path.join(tmp, "our"), python_path)
         t_our.append(wall)
         t_own.append(own)
@@ -253,7 +257,9 @@ def main(argv=None):
                 r, rep = compare(name, spec, path, len(docs), tmp, args.reps, args.python_path)
                 rows += r
                 report[f"{name}_{'hf' if spec.startswith('hf:') else 'sentencepiece'}"] = rep
+        gc.disable()  # as the tool runs: no collector passes over the bench's own live objects
         prof = profile(specs[0], os.path.join(tmp, "small.jsonl"), tmp)
+        gc.enable()
         report["profile_small_sentencepiece"] = prof
     print_table(f"Pre-tokenization on {CORES} cores, min of {args.reps} (ratio = limit seconds / pipeline seconds; "
                 f"goal ours >= 0.9 sentencepiece, >= 0.8 hf; ratio includes interpreter start)",

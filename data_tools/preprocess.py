@@ -14,14 +14,12 @@ flatten them to arrays; the main thread appends them in input order. At most
 ``2 x workers`` batches are in flight, so memory stays flat whatever the input size
 (the index is streamed from a lengths file at the end).
 
-Crash safety: output goes to temp names. After a batch is appended, a progress file
-records where input and output stand (reject counts travel with their batch, so a
-resumed run counts each reject once), and ``--resume`` continues a killed run to a
-byte-identical result; the progress file is tied to the inputs' sizes and mtimes,
-the options and the tokenizer's content. At the end every ``.idx`` is written to a
-temp name, old ``.idx`` files are removed, the ``.bin`` files are renamed, then the
-``.idx`` files: a crash never leaves a ``.bin`` beside an ``.idx`` of another run,
-and ``--resume`` completes the renames.
+Crash safety: output goes to temp names; a progress file records where input and
+output stand (reject counts travel with their batch: a resumed run counts each once)
+and ``--resume`` continues a killed run to a byte-identical result. It is tied to the
+inputs' sizes and mtimes, the options and the tokenizer's content. At the end the
+``.idx`` files go to temp names, old ``.idx`` files are removed, then ``.bin`` and
+``.idx`` are renamed: no ``.bin`` ever sits beside another run's ``.idx``.
 
 A bad line stops the run (exit 2, ``FILE:LINE: reason``, no output) unless
 ``--skip-invalid``, which counts and lists rejects in ``P.rejects.jsonl``. Input
