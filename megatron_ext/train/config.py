@@ -289,6 +289,7 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
         raise ValueError(f"stage {cfg.stage!r} is not one of pretrain, sft, long_sft")
     if p.pipeline_model_parallel_size != 1:
         raise ValueError("pipeline_model_parallel_size must be 1 (pipeline parallelism is not supported yet)")
+    _check_heads(cfg)
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     if world_size % model_parallel:
         raise ValueError(f"TP x PP x CP = {p.tensor_model_parallel_size} x {p.pipeline_model_parallel_size} x "
@@ -296,7 +297,6 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     dp = world_size // model_parallel
     if cfg.data.seq_length % (2 * p.context_parallel_size):
         raise ValueError(f"data.seq_length {cfg.data.seq_length} must divide by 2 x CP = {2 * p.context_parallel_size}")
-    _check_heads(cfg)
     per_step = cfg.optim.micro_batch_size * dp
     if cfg.optim.global_batch_size % per_step:
         raise ValueError(f"global_batch_size {cfg.optim.global_batch_size} must be a multiple of "

@@ -25,20 +25,22 @@ import torch
 from data_tools.common import load_tokenizer
 
 
-class SentencePieceTokenizer:
-    """The tokenizer fields megatron-core's datasets read."""
+class TrainTokenizer:
+    """The tokenizer fields megatron-core's datasets read, over data_tools' tokenizer
+    (``PATH.model`` sentencepiece or ``hf:DIR``); EOD is the tokenizer's EOS."""
 
     def __init__(self, model_path: str):
         self.sp = load_tokenizer(model_path)
         self.vocab_size = self.sp.vocab_size()
         self.eod = self.sp.eos_id()
         self.pad = self.sp.pad_id()
-        self.unique_identifiers = OrderedDict(class_name=type(self).__name__, model=os.path.abspath(model_path))
+        self.unique_identifiers = OrderedDict(class_name=type(self).__name__, model=os.path.abspath(model_path)
+                                              if not model_path.startswith("hf:") else model_path)
 
 
 def load_train_tokenizer(spec: str):
     """The tokenizer named by ``data.tokenizer_model``."""
-    return SentencePieceTokenizer(spec)
+    return TrainTokenizer(spec)
 
 
 def _blend(prefixes_and_weights: List, suffix: str):
