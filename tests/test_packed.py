@@ -73,7 +73,7 @@ def test_packed_attention_exact(world_size):
     table = []
     for case in cases:
         worst = {n: max(r[case.key][n] for r in results) for n in TENSORS}
-        table.append(f"P={world_size} {case.method} U={case.ulysses_size} kv_chunks={case.kv_chunks}: "
+        table.append(f"P={world_size} {case.method} hybrid_U={case.ulysses_size} kv_chunks={case.kv_chunks}: "
                      + " ".join(f"{n}={worst[n]:.2e}" for n in TENSORS))
         assert all(r[case.key]["dtype_ok"] and r[case.key]["shape_ok"] for r in results), case.key
         assert max(worst.values()) <= FP32_TOL, table[-1]

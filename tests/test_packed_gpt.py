@@ -52,8 +52,8 @@ def packed_worker(rank, world_size, comm_types, alone=False):
                     loss_sum += part.item()
                 results[comm_type] = {"loss": loss_sum / total, "grads": _grads(model)}
                 continue
-            batch = {"tokens": torch.cat([d[:-1] for d in docs])[None], "labels": torch.cat([d[1:] for d in docs])[None],
-                     "loss_mask": torch.cat(masks)[None]}
+            batch = {"tokens": torch.cat([d[:-1] for d in docs])[None],
+                     "labels": torch.cat([d[1:] for d in docs])[None], "loss_mask": torch.cat(masks)[None]}
             local, params = get_thd_batch_on_this_cp_rank(batch, DOCS, parallel_state.get_context_parallel_group())
             per_token = model(local["tokens"], local["position_ids"], None, labels=local["labels"],
                               packed_seq_params=params)

@@ -7,8 +7,9 @@ rows. Every document attends only to itself, causally; pads sit at each
 document's end, so no real query ever sees one.
 
 Kernels run once per (document, half) piece: there is no t x t mask. On CUDA
-the pieces go through torch's flash SDPA op (:mod:`.blocks`); that path is not
-exercised by CPU CI.
+the pieces go through torch's flash SDPA op (:mod:`.blocks`), one call per piece;
+that path is not exercised by CPU CI, and flash-attn's varlen kernels (one call for
+all documents) are not wired in yet: their private API differs between releases.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ class LocalDoc(NamedTuple):
     half: int
 
 
-def local_docs(cu_seqlens, world_size: int, s_local: int, causal: bool = True, layout: str = "zigzag") -> List[LocalDoc]:
+def local_docs(cu_seqlens, world_size: int, s_local: int, causal: bool = True,
+               layout: str = "zigzag") -> List[LocalDoc]:
     """The local layout ``cu_seqlens / P`` as LocalDocs; raises ValueError on misuse.
 
     cu_seqlens: the *global padded* cu_seqlens (int [n_docs + 1], from

@@ -159,7 +159,8 @@ class _PackedRing(_Ring):
         spans = []
         for doc, x0, x1, off in stream_spans(self.docs, *self.pieces[wave]):
             n, front, back = x1 - x0, doc.start + x0, doc.start + doc.half + x0
-            spans += [(slice(front, front + n), slice(off, off + n)), (slice(back, back + n), slice(off + n, off + 2 * n))]
+            spans += [(slice(front, front + n), slice(off, off + n)),
+                      (slice(back, back + n), slice(off + n, off + 2 * n))]
         return spans
 
     def calls(self, source: int, wave: int, causal: bool) -> List[Call]:

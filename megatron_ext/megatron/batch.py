@@ -48,8 +48,8 @@ def mask_document_ends(loss_mask: torch.Tensor, doc_lengths: Sequence[int]) -> t
     return out
 
 
-def get_thd_batch_on_this_cp_rank(batch: Dict[str, Optional[torch.Tensor]], doc_lengths: Sequence[int], cp_group
-                                  ) -> Tuple[Dict[str, torch.Tensor], PackedSeqParams]:
+def get_thd_batch_on_this_cp_rank(batch: Dict[str, Optional[torch.Tensor]], doc_lengths: Sequence[int],
+                                  cp_group) -> Tuple[Dict[str, torch.Tensor], PackedSeqParams]:
     """Pure-torch stand-in for megatron-core's TE-only ``get_thd_batch_on_this_cp_rank``.
 
     batch: ``SEQUENCE_KEYS`` entries [1, t] holding documents of ``doc_lengths`` back to
