@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_ext.train.packing import OverlongExampleError, PackedSftDataset, first_fit_decreasing
+from megatron_ext.train.packing import (OverlongExampleError, PackedSftDataset, eod_document_lengths,
+                                        first_fit_decreasing)
 
 EOD = 1
 
@@ -103,3 +104,9 @@ def test_packing_config_defaults_by_stage():
     bad.data.packing = "sft"
     with pytest.raises(ValueError, match="needs data.sft=true"):
         packing_mode(bad)
+
+
+def test_eod_document_lengths():
+    assert eod_document_lengths(torch.tensor([5, 6, EOD, 7, EOD, 8, 9]), EOD) == [3, 2, 2]
+    assert eod_document_lengths(torch.tensor([5, EOD]), EOD) == [2]
+    assert eod_document_lengths(torch.tensor([5, 6]), EOD) == [2]

@@ -90,6 +90,16 @@ def pack_sample(examples: Sequence[Tuple[np.ndarray, np.ndarray]], seq_length: i
             "loss_mask": loss_mask, "position_ids": positions, "doc_lengths": doc_lengths}
 
 
+def eod_document_lengths(tokens: torch.Tensor, eod: int) -> List[int]:
+    """Document lengths of a concatenated pretraining sample (``data.document_masks``): each
+    document ends at an EOD token; the rest after the last EOD is one more document.
+    tokens: LongTensor [seq_length] -> lengths summing to seq_length."""
+    ends = (tokens == eod).nonzero().flatten().add(1).tolist()
+    if not ends or ends[-1] != tokens.numel():
+        ends.append(tokens.numel())
+    return [b - a for a, b in zip([0] + ends[:-1], ends)]
+
+
 class PackedSftDataset(torch.utils.data.Dataset):
     """Packed SFT samples from ``{prefix}_text_document`` + ``{prefix}_loss_mask_document``.
 
