@@ -10,7 +10,7 @@ A length that does not divide raises ``ValueError``; nothing is padded or droppe
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -121,3 +121,88 @@ def owners(start: int, stop: int, seq_len: int, world_size: int, layout: str) ->
         pieces.append((pos - start, end - pos, rank, slot * c + pos - g * c))
         pos = end
     return pieces
+
+
+# ---------------------------------------------------------------------------
+# Packed documents (thd): per-document zigzag. Every document is padded to a
+# multiple of 2P (pads at its end) and rank r keeps chunk r then chunk 2P-1-r
+# of each document, in document order. The local layout is then the same on
+# every rank, cu_seqlens_padded / P, so K/V can travel with no metadata.
+
+
+def pad_packed_lengths(doc_lengths, world_size: int) -> torch.Tensor:
+    """Global padded cu_seqlens: int32 [n_docs + 1], each document rounded up to a multiple of 2P.
+
+    doc_lengths: ints (list or 1-D tensor) of real document lengths, each >= 1.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    lengths = [int(n) for n in (doc_lengths.tolist() if torch.is_tensor(doc_lengths) else doc_lengths)]
+    if not lengths:
+        raise ValueError("pad_packed_lengths: no documents (doc_lengths is empty)")
+    for i, n in enumerate(lengths):
+        if n < 1:
+            raise ValueError(f"pad_packed_lengths: document {i} has length {n}; every document needs >= 1 token")
+    m = 2 * world_size
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + -(-n // m) * m)
+    return torch.tensor(cu, dtype=torch.int32)
+
+
+def check_packed(cu_seqlens_padded, world_size: int, total: Optional[int] = None) -> List[int]:
+    """Validate global padded cu_seqlens (starts at 0, every document a positive multiple
+    of 2P, ends at ``total`` when given) and return it as a list of ints."""
+    cu = [int(c) for c in (cu_seqlens_padded.tolist() if torch.is_tensor(cu_seqlens_padded) else cu_seqlens_padded)]
+    m = 2 * world_size
+    if len(cu) < 2 or cu[0] != 0:
+        raise ValueError(f"cu_seqlens_padded must start at 0 and hold >= 1 document, got {cu[:8]}")
+    for i in range(len(cu) - 1):
+        n = cu[i + 1] - cu[i]
+        if n < 1 or n % m:
+            raise ValueError(f"cu_seqlens_padded: document {i} has padded length {n}, not a positive multiple "
+                             f"of 2P={m} (P={world_size}); build it with pad_packed_lengths")
+    if total is not None and cu[-1] != total:
+        raise ValueError(f"cu_seqlens_padded ends at {cu[-1]} but the packed sequence has {total} tokens")
+    return cu
+
+
+def packed_index(cu_seqlens_padded, rank: int, world_size: int) -> torch.Tensor:
+    """Global rows held by ``rank``: LongTensor [t / P] (chunk r, then 2P-1-r, of each document)."""
+    cu = check_packed(cu_seqlens_padded, world_size)
+    order = chunk_order(rank, world_size, "zigzag")
+    parts = []
+    for start, stop in zip(cu[:-1], cu[1:]):
+        c = (stop - start) // (2 * world_size)
+        parts += [torch.arange(start + g * c, start + (g + 1) * c) for g in order]
+    return torch.cat(parts)
+
+
+def shard_packed(x: torch.Tensor, dim: int, cu_seqlens_padded, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's per-document zigzag shard: x [..., t, ...] at ``dim`` -> [..., t / P, ...]."""
+    check_packed(cu_seqlens_padded, world_size, x.shape[dim])
+    return x.index_select(dim, packed_index(cu_seqlens_padded, rank, world_size).to(x.device))
+
+
+def unshard_packed(shards: Sequence[torch.Tensor], dim: int, cu_seqlens_padded) -> torch.Tensor:
+    """Inverse of :func:`shard_packed`: P shards [..., t / P, ...] (rank order) -> [..., t, ...]."""
+    world_size = len(shards)
+    cu = check_packed(cu_seqlens_padded, world_size)
+    for r, s in enumerate(shards):
+        if s.shape[dim] * world_size != cu[-1]:
+            raise ValueError(f"shard {r} has {s.shape[dim]} rows along dim {dim}; cu_seqlens_padded needs "
+                             f"{cu[-1]} / {world_size} = {cu[-1] / world_size}")
+    out_shape = list(shards[0].shape)
+    out_shape[dim] = cu[-1]
+    out = shards[0].new_empty(out_shape)
+    for r, s in enumerate(shards):
+        out.index_copy_(dim, packed_index(cu, r, world_size).to(s.device), s)
+    return out
+
+
+def packed_position_ids(cu_seqlens_padded, rank: int, world_size: int) -> torch.Tensor:
+    """Positions of this rank's tokens, restarting at 0 in every document: LongTensor [t / P]."""
+    cu = torch.tensor(check_packed(cu_seqlens_padded, world_size), dtype=torch.long)
+    idx = packed_index(cu, rank, world_size)
+    doc = torch.searchsorted(cu, idx, right=True) - 1
+    return idx - cu[doc]

@@ -8,11 +8,11 @@ of out, dq, dk and dv on that shard.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from ..sharding import shard_sequence
+from ..sharding import pad_packed_lengths, shard_packed, shard_sequence
 from .allgather import allgather_attention
 from .hybrid import build_cp_mesh, hybrid_attention
 from .reference import reference_attention
@@ -51,6 +51,8 @@ class Case:
     """Ulysses degree U of method "hybrid" (ring degree = world size / U)."""
     kv_chunks: Optional[int] = None
     """Method "ring" only: K/V waves; None is the ring's default."""
+    doc_lengths: Optional[Tuple[int, ...]] = None
+    """Packed documents (real lengths; b is 1, seq_len unused): per-document causal via cu_seqlens."""
 
     @property
     def key(self) -> str:
@@ -66,8 +68,44 @@ def make_inputs(case: Case):
     return [torch.randn(s, generator=g).to(dt) for s in (shape_q, shape_kv, shape_kv, shape_q)]
 
 
+def run_packed_case(rank: int, world_size: int, case: Case, mesh=None) -> dict:
+    """Packed documents: errors at this rank's real (non-pad) rows against a float64
+    causal reference run on each document alone. Pads hold random values (and zero
+    dout, as a masked loss gives them), so a pad leaking into a real row shows."""
+    cu = pad_packed_lengths(case.doc_lengths, world_size)
+    full = Case(**{**asdict(case), "b": 1, "seq_len": int(cu[-1]), "doc_lengths": None})
+    q, k, v, dout = make_inputs(full)
+    real = torch.cat([torch.arange(a, a + n) for a, n in zip(cu[:-1].tolist(), case.doc_lengths)])
+    is_real = torch.zeros(int(cu[-1]), dtype=torch.bool)
+    is_real[real] = True
+    dout = dout * is_real.view(1, -1, 1, 1).to(dout.dtype)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    outs = [reference_attention(*(t[:, a:a + n] for t in ref), True, case.d ** -0.5)
+            for a, n in zip(cu[:-1].tolist(), case.doc_lengths)]
+    ref_out = torch.zeros(q.shape, dtype=torch.float64)
+    ref_out[:, real] = torch.cat(outs, dim=1)
+    (ref_out * dout.double()).sum().backward()
+    shard = lambda t: shard_packed(t, 1, cu, rank, world_size)  # noqa: E731
+    mine = [shard(t).detach().clone().requires_grad_() for t in (q, k, v)]
+    if case.method == "hybrid":
+        out = hybrid_attention(*mine, mesh.ulysses_group, mesh.ring_group, cu_seqlens=cu)
+    else:
+        out = METHODS[case.method](*mine, None, cu_seqlens=cu)
+    out.backward(shard(dout))
+    keep = shard_packed(is_real, 0, cu, rank, world_size)
+    got = [out] + [t.grad for t in mine]
+    want = [ref_out] + [t.grad for t in ref]
+    names = ("out", "dq", "dk", "dv")
+    errs = {n: (g.double() - shard(w).detach())[:, keep].abs().max().item() for n, g, w in zip(names, got, want)}
+    errs["dtype_ok"] = all(g.dtype == DTYPES[case.dtype] for g in got)
+    errs["shape_ok"] = out.shape == mine[0].shape
+    return errs
+
+
 def run_case(rank: int, world_size: int, case: Case, group=None, mesh=None) -> dict:
     """Errors of this rank's shard against the float64 reference (``mesh`` for "hybrid")."""
+    if case.doc_lengths is not None:
+        return run_packed_case(rank, world_size, case, mesh)
     q, k, v, dout = make_inputs(case)
     scale = case.d ** -0.5
     ref = [t.double().requires_grad_() for t in (q, k, v)]

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .checks import rank_and_size, validate
+from .packed import local_docs
 from .ulysses import UlyssesAttentionFunction, kv_replication
 
 Tensor = torch.Tensor
@@ -67,16 +68,20 @@ def build_cp_mesh(cp_group: Optional[dist.ProcessGroup], ulysses_size: int) -> C
 
 
 def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group, ring_group, *, causal: bool = True,
-                     softmax_scale: Optional[float] = None, layout: str = "zigzag") -> Tensor:
+                     softmax_scale: Optional[float] = None, layout: str = "zigzag", cu_seqlens=None) -> Tensor:
     """Ulysses x ring attention, exact for every factorisation U x R of the CP size.
 
     q: [b, s_local, h, d]; k, v: [b, s_local, h_kv, d], sharded with ``layout`` over
     the CP rank ``ring_rank * U + ulysses_rank``. Returns [b, s_local, h, d] in q's
     dtype. Needs h divisible by U; KV heads are replicated just enough when U > h_kv.
+    ``cu_seqlens``: packed documents (global padded cu_seqlens over the whole CP group,
+    q/k/v from ``shard_packed`` at the CP rank), each attending to itself causally.
     """
     u_size, r_size = rank_and_size(ulysses_group)[1], rank_and_size(ring_group)[1]
+    if cu_seqlens is not None:
+        local_docs(cu_seqlens, u_size * r_size, q.shape[1], causal, layout)
     validate(q, k, v, ulysses_group, causal, layout, cp_size=u_size * r_size)
     validate(q, k, v, ring_group, causal, layout, cp_size=u_size * r_size)
     kv_replication(q.shape[2], k.shape[2], u_size)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return UlyssesAttentionFunction.apply(q, k, v, ulysses_group, ring_group, causal, scale, layout)
+    return UlyssesAttentionFunction.apply(q, k, v, ulysses_group, ring_group, causal, scale, layout, cu_seqlens)

@@ -23,6 +23,7 @@ from .checks import rank_and_size
 from .comm import TAG_DKV, TAG_KV, RingComm, wait_all
 from .function import apply_cp_attention, cp_attention_function
 from .merge import accumulator_dtype, merge_into
+from .packed import diagonal_backward, diagonal_forward, local_docs, stream_spans
 from .stats import timed_compute
 
 Tensor = torch.Tensor
@@ -168,6 +169,14 @@ class _Ring:
         lo, hi = self.pieces[wave]
         return foreign_calls(self.rank, source, self.s_local, hi - lo, causal, self.layout)
 
+    def diagonal_forward(self, kernel, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, acc):
+        """My queries against my own K/V: (out, lse) in ``acc``."""
+        out, lse = kernel.forward(q, k, v, causal, scale)
+        return out.to(acc), lse.to(acc)
+
+    def diagonal_backward(self, kernel, dout, q, k, v, out, lse, causal: bool, scale: float, acc):
+        return tuple(t.to(acc) for t in kernel.backward(dout, q, k, v, out, lse, causal, scale))
+
     def kv_stream(self, k: Tensor, v: Tensor, phase: str) -> Iterator[Tuple[int, int, int, object]]:
         """Yield (wave, hop in wave 1..P-1, source rank, slice) for every foreign slice; a
         slice is a [2, b, rows, h_kv, d] buffer, or [k, v] for whole blocks.
@@ -201,18 +210,69 @@ class _Ring:
         return self.comm.exchange(sends, recvs, tag, phase), (recvs if isinstance(send, list) else recvs[0])
 
 
+class _PackedRing(_Ring):
+    """The ring over packed documents (``cu_seqlens``). The local layout is the same on
+    every rank, so nothing but K/V travels. Waves cut the *half stream* (every
+    document's front half, back to back) into pieces and carry the mirrored rows
+    of the back halves with them: each wave is as large as in the unpacked ring.
+    Plan: step 0 per-document causal; from an earlier rank all my queries of a
+    document against the front piece of that document; from a later rank the back
+    half of my queries of a document against its front and back pieces."""
+
+    def __init__(self, group, s_local: int, waves: int, cu_seqlens):
+        super().__init__(group, s_local, "zigzag", waves)
+        self.docs = local_docs(cu_seqlens, self.world_size, s_local)
+
+    def _doc_pieces(self, wave: int):
+        """(doc, x0, x1, offset in the slice) per document met by ``wave``; whole blocks
+        travel unpacked as [k, v], so there a document's pieces sit where it does."""
+        if len(self.pieces) == 1:
+            return [(doc, 0, doc.half, doc.start) for doc in self.docs]
+        return stream_spans(self.docs, *self.pieces[wave])
+
+    def _spans(self, wave: int) -> List[Tuple[slice, slice]]:
+        spans = []
+        for doc, x0, x1, off in self._doc_pieces(wave):
+            n, front, back = x1 - x0, doc.start + x0, doc.start + doc.half + x0
+            spans += [(slice(front, front + n), slice(off, off + n)),
+                      (slice(back, back + n), slice(off + n, off + 2 * n))]
+        return spans
+
+    def calls(self, source: int, wave: int, causal: bool) -> List[Call]:
+        calls = []
+        for doc, x0, x1, off in self._doc_pieces(wave):
+            n, mid, end = x1 - x0, doc.start + doc.half, doc.start + 2 * doc.half
+            if source < self.rank:
+                calls += [(slice(doc.start, mid), slice(off, off + n)), (slice(mid, end), slice(off, off + n))]
+            else:
+                calls.append((slice(mid, end), slice(off, off + 2 * n)))
+        return calls
+
+    def diagonal_forward(self, kernel, q, k, v, causal, scale, acc):
+        return diagonal_forward(kernel, q, k, v, self.docs, scale, acc)
+
+    def diagonal_backward(self, kernel, dout, q, k, v, out, lse, causal, scale, acc):
+        return diagonal_backward(kernel, dout, q, k, v, out, lse, self.docs, scale, acc)
+
+
+def _make_ring(group, s_local: int, layout: str, waves: int, cu_seqlens) -> _Ring:
+    if cu_seqlens is None:
+        return _Ring(group, s_local, layout, waves)
+    return _PackedRing(group, s_local, waves, cu_seqlens)
+
+
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, scale: float, layout: str,
-                 kv_chunks: Optional[int] = None, grad: bool = True):
+                 kv_chunks: Optional[int] = None, grad: bool = True, cu_seqlens=None):
     """q: [b, s, h, d], k/v: [b, s, h_kv, d] -> out [b, s, h, d] (q dtype), lse [b, h, s] fp32.
-    ``grad``: a backward follows (else the call is forward-only and sends whole blocks)."""
+    ``grad``: a backward follows (else the call is forward-only and sends whole blocks).
+    ``cu_seqlens``: global padded cu_seqlens of packed documents (see :mod:`.packed`)."""
     waves = plan_waves(q, k, layout, kv_chunks, "forward" if grad else "forward_only")
-    ring = _Ring(group, q.shape[1], layout, waves)
+    ring = _make_ring(group, q.shape[1], layout, waves, cu_seqlens)
     kernel = select_kernel(q.device, q.dtype)
     acc = accumulator_dtype(q.dtype)
     stream = ring.kv_stream(k, v, "forward")
     with timed_compute("forward"):
-        out, lse = kernel.forward(q, k, v, causal, scale)
-    out, lse = out.to(acc), lse.to(acc)
+        out, lse = ring.diagonal_forward(kernel, q, k, v, causal, scale, acc)
     for wave, _, source, kv in stream:
         for qs, ks in ring.calls(source, wave, causal):
             with timed_compute("forward"):
@@ -223,14 +283,14 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, scale: fl
 
 
 def ring_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: float, layout: str,
-                  kv_chunks: Optional[int] = None, grad: bool = True):
+                  kv_chunks: Optional[int] = None, grad: bool = True, cu_seqlens=None):
     """Gradients of :func:`ring_forward`; dq/dk/dv accumulate in fp32, return in input dtype."""
-    ring = _Ring(group, q.shape[1], layout, plan_waves(q, k, layout, kv_chunks, "backward"))
+    ring = _make_ring(group, q.shape[1], layout, plan_waves(q, k, layout, kv_chunks, "backward"), cu_seqlens)
     kernel = select_kernel(q.device, q.dtype)
     acc = accumulator_dtype(q.dtype)
     stream = ring.kv_stream(k, v, "backward")
     with timed_compute("backward"):
-        dq, dk, dv = (t.to(acc) for t in kernel.backward(dout, q, k, v, out, lse, causal, scale))
+        dq, dk, dv = ring.diagonal_backward(kernel, dout, q, k, v, out, lse, causal, scale, acc)
     relay = None  # the dK/dV hop in flight: (works, accumulator arriving)
     for wave, step, source, kv in stream:
         grads = torch.zeros((2,) + tuple(kv[0].shape), dtype=acc, device=q.device)
@@ -265,7 +325,7 @@ RingAttentionFunction = cp_attention_function("RingAttentionFunction", ring_forw
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = True,
                    softmax_scale: Optional[float] = None, layout: str = "zigzag",
-                   kv_chunks: Optional[int] = None) -> Tensor:
+                   kv_chunks: Optional[int] = None, cu_seqlens=None) -> Tensor:
     """Context-parallel attention by K/V rotation.
 
     q: [b, s_local, h, d]; k, v: [b, s_local, h_kv, d] with h % h_kv == 0, each
@@ -279,8 +339,14 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
     says otherwise); on CPU the backward takes up to 16 waves while each piece carries
     >= 1 MiB and gives the kernel >= 2**30 multiply-adds, and the forward the fewest
     waves whose peak stays below the backward's.
+    ``cu_seqlens``: packed documents, the *global padded* int cu_seqlens [n_docs + 1] from
+    ``sharding.pad_packed_lengths`` (same on every rank), with q/k/v from ``shard_packed``;
+    each document attends to itself, causally. Needs causal=True and layout="zigzag".
     """
     if kv_chunks is not None and (not isinstance(kv_chunks, int) or isinstance(kv_chunks, bool) or kv_chunks < 1):
         raise ValueError(f"kv_chunks must be None or a positive int, got {kv_chunks!r}")
+    if cu_seqlens is not None:
+        local_docs(cu_seqlens, rank_and_size(group)[1], q.shape[1], causal, layout)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return apply_cp_attention(RingAttentionFunction, q, k, v, group, causal, softmax_scale, layout, kv_chunks, grad)
+    return apply_cp_attention(RingAttentionFunction, q, k, v, group, causal, softmax_scale, layout, kv_chunks, grad,
+                              cu_seqlens)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .checks import LOCAL_ONLY, rank_and_size, validate
+from .packed import LocalDoc, local_docs
 from .ring import ring_backward, ring_forward
 from .stats import count_sent
 
@@ -46,22 +47,29 @@ def _all_to_all(x: Tensor, group, phase: str) -> Tensor:
     return out
 
 
-def _spans(s: int, degree: int, layout: str):
+def _spans(s: int, degree: int, layout: str, docs: Optional[List[LocalDoc]] = None):
     """For each rank u: (rows of u's block, rows of the group's sequence) pairs. zigzag:
-    rank u holds chunks (u, 2U-1-u), so first halves ascend with u, second halves descend."""
+    rank u holds chunks (u, 2U-1-u), so first halves ascend with u, second halves descend.
+    ``docs``: packed documents (local layout, :func:`.packed.local_docs`), each zigzag on
+    its own: document i's rows of every rank gather to [U * start, U * (start + 2 half))."""
     if layout != "zigzag":
         return [[(slice(0, s), slice(u * s, (u + 1) * s))] for u in range(degree)]
-    half = s // 2
-    return [[(slice(0, half), slice(u * half, (u + 1) * half)),
-             (slice(half, s), slice((2 * degree - 1 - u) * half, (2 * degree - u) * half))] for u in range(degree)]
+    spans = [[] for _ in range(degree)]
+    for doc in docs if docs is not None else [LocalDoc(0, s // 2)]:
+        base, n, mid = degree * doc.start, doc.half, doc.start + doc.half
+        for u in range(degree):
+            spans[u] += [(slice(doc.start, mid), slice(base + u * n, base + (u + 1) * n)),
+                         (slice(mid, mid + n), slice(base + (2 * degree - 1 - u) * n, base + (2 * degree - u) * n))]
+    return spans
 
 
-def seq_to_heads(parts: List[Tuple[Tensor, int]], degree: int, group, layout: str, phase: str) -> List[Tensor]:
+def seq_to_heads(parts: List[Tuple[Tensor, int]], degree: int, group, layout: str, phase: str,
+                 docs: Optional[List[LocalDoc]] = None) -> List[Tensor]:
     """parts: (x [b, s, H, d], rep), my tokens and all heads -> [b, U*s, H*rep/U, d] each:
-    the group's tokens (ordered as one ``layout`` shard over the ring) of my head group,
-    where each head is used ``rep`` times (KV replication). Every part is copied once
-    into the all-to-all's send buffer [U, b, s, sum c, d] and once out of its receive
-    buffer: no staging copies."""
+    the group's tokens (ordered as one ``layout`` shard over the ring; per document for
+    packed ``docs``) of my head group, where each head is used ``rep`` times (KV
+    replication). Every part is copied once into the all-to-all's send buffer
+    [U, b, s, sum c, d] and once out of its receive buffer: no staging copies."""
     b, s, _, d = parts[0][0].shape
     widths = [x.shape[2] * rep // degree for x, rep in parts]
     send = parts[0][0].new_empty((degree, b, s, sum(widths), d))
@@ -78,7 +86,7 @@ def seq_to_heads(parts: List[Tuple[Tensor, int]], degree: int, group, layout: st
     outs, off = [], 0
     for c in widths:
         y = recv.new_empty((b, degree * s, c, d))
-        for u, spans in enumerate(_spans(s, degree, layout)):
+        for u, spans in enumerate(_spans(s, degree, layout, docs)):
             for mine, seq in spans:
                 y[:, seq].copy_(recv[u, :, mine, off:off + c])
         outs.append(y)
@@ -87,7 +95,7 @@ def seq_to_heads(parts: List[Tuple[Tensor, int]], degree: int, group, layout: st
 
 
 def heads_to_seq(parts: List[Optional[Tensor]], reps: List[int], degree: int, group, layout: str,
-                 phase: str) -> List[Tensor]:
+                 phase: str, docs: Optional[List[LocalDoc]] = None) -> List[Tensor]:
     """Inverse of :func:`seq_to_heads`: parts [b, U*s, c, d] -> [b, s, U*c/rep, d] each,
     the gradients of replicated heads summed. Consumes ``parts`` (each entry is dropped
     once copied into the send buffer, so its memory goes back early)."""
@@ -97,7 +105,7 @@ def heads_to_seq(parts: List[Optional[Tensor]], reps: List[int], degree: int, gr
     send = parts[0].new_empty((degree, b, s, sum(widths), d))
     off = 0
     for i, c in enumerate(widths):
-        for u, spans in enumerate(_spans(s, degree, layout)):
+        for u, spans in enumerate(_spans(s, degree, layout, docs)):
             for mine, seq in spans:
                 send[u, :, mine, off:off + c].copy_(parts[i][:, seq])
         parts[i] = None
@@ -114,52 +122,68 @@ def heads_to_seq(parts: List[Optional[Tensor]], reps: List[int], degree: int, gr
     return outs
 
 
-def ulysses_forward(q, k, v, ulysses_group, ring_group, causal: bool, scale: float, layout: str):
+def _docs(cu_seqlens, ulysses_group, ring_group, s_local: int) -> Optional[List[LocalDoc]]:
+    """Packed documents in the local layout over the whole CP group (U x ring), or None."""
+    if cu_seqlens is None:
+        return None
+    cp_size = rank_and_size(ulysses_group)[1] * rank_and_size(ring_group)[1]
+    return local_docs(cu_seqlens, cp_size, s_local)
+
+
+def ulysses_forward(q, k, v, ulysses_group, ring_group, causal: bool, scale: float, layout: str, cu_seqlens=None):
     """q: [b, s, h, d]; k, v: [b, s, h_kv, d] -> out [b, s, h, d] and the
-    head-sharded tensors the backward needs."""
+    head-sharded tensors the backward needs. ``cu_seqlens``: packed documents."""
     _, degree = rank_and_size(ulysses_group)
+    docs = _docs(cu_seqlens, ulysses_group, ring_group, q.shape[1])
     rep = kv_replication(q.shape[2], k.shape[2], degree)
-    q_h, k_h, v_h = seq_to_heads([(q, 1), (k, rep), (v, rep)], degree, ulysses_group, layout, "forward")
-    out_h, lse = ring_forward(q_h, k_h, v_h, ring_group, causal, scale, layout)
-    out, = heads_to_seq([out_h], [1], degree, ulysses_group, layout, "forward")
+    q_h, k_h, v_h = seq_to_heads([(q, 1), (k, rep), (v, rep)], degree, ulysses_group, layout, "forward", docs)
+    out_h, lse = ring_forward(q_h, k_h, v_h, ring_group, causal, scale, layout, cu_seqlens=cu_seqlens)
+    out, = heads_to_seq([out_h], [1], degree, ulysses_group, layout, "forward", docs)
     return out, (q_h, k_h, v_h, out_h, lse), rep
 
 
-def ulysses_backward(dout, saved, rep: int, ulysses_group, ring_group, causal: bool, scale: float, layout: str):
+def ulysses_backward(dout, saved, rep: int, ulysses_group, ring_group, causal: bool, scale: float, layout: str,
+                     cu_seqlens=None):
     """Gradients of :func:`ulysses_forward` (dq [b, s, h, d], dk/dv [b, s, h_kv, d])."""
     q_h, k_h, v_h, out_h, lse = saved
     _, degree = rank_and_size(ulysses_group)
-    dout_h, = seq_to_heads([(dout, 1)], degree, ulysses_group, layout, "backward")
-    grads = list(ring_backward(dout_h, q_h, k_h, v_h, out_h, lse, ring_group, causal, scale, layout))
+    docs = _docs(cu_seqlens, ulysses_group, ring_group, dout.shape[1])
+    dout_h, = seq_to_heads([(dout, 1)], degree, ulysses_group, layout, "backward", docs)
+    grads = list(ring_backward(dout_h, q_h, k_h, v_h, out_h, lse, ring_group, causal, scale, layout,
+                               cu_seqlens=cu_seqlens))
     del dout_h
-    return tuple(heads_to_seq(grads, [1, rep, rep], degree, ulysses_group, layout, "backward"))
+    return tuple(heads_to_seq(grads, [1, rep, rep], degree, ulysses_group, layout, "backward", docs))
 
 
 class UlyssesAttentionFunction(torch.autograd.Function):
     """Exact Ulysses (or Ulysses x ring) attention with a hand-written backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ulysses_group, ring_group, causal, scale, layout):
-        out, saved, rep = ulysses_forward(q, k, v, ulysses_group, ring_group, causal, scale, layout)
+    def forward(ctx, q, k, v, ulysses_group, ring_group, causal, scale, layout, cu_seqlens=None):
+        out, saved, rep = ulysses_forward(q, k, v, ulysses_group, ring_group, causal, scale, layout, cu_seqlens)
         ctx.save_for_backward(*saved)
-        ctx.args = (rep, ulysses_group, ring_group, causal, scale, layout)
+        ctx.args = (rep, ulysses_group, ring_group, causal, scale, layout, cu_seqlens)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         dq, dk, dv = ulysses_backward(dout.contiguous(), ctx.saved_tensors, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = True,
-                      softmax_scale: Optional[float] = None, layout: str = "zigzag") -> Tensor:
+                      softmax_scale: Optional[float] = None, layout: str = "zigzag", cu_seqlens=None) -> Tensor:
     """All-to-all sequence-parallel attention.
 
     q: [b, s_local, h, d]; k, v: [b, s_local, h_kv, d]; returns [b, s_local, h, d]
     in q's dtype. Needs h divisible by the group size U; when U > h_kv the KV heads
     are replicated just enough (to lcm(h_kv, U)). ``group=None`` is the default group.
+    ``cu_seqlens``: packed documents (global padded cu_seqlens, q/k/v from ``shard_packed``),
+    each attending to itself causally; needs causal=True, layout="zigzag".
     """
+    if cu_seqlens is not None:
+        local_docs(cu_seqlens, rank_and_size(group)[1], q.shape[1], causal, layout)
     validate(q, k, v, group, causal, layout)
     kv_replication(q.shape[2], k.shape[2], rank_and_size(group)[1])
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return UlyssesAttentionFunction.apply(q, k, v, group, LOCAL_ONLY, causal, scale, layout)
+    return UlyssesAttentionFunction.apply(q, k, v, group, LOCAL_ONLY, causal, scale, layout, cu_seqlens)

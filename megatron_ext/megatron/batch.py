@@ -9,13 +9,14 @@ count (the bug class of Megatron-LM #1764 and torchtitan #3280).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from ..attention.checks import rank_and_size
-from ..sharding import shard_sequence
+from ..sharding import pad_packed_lengths, packed_position_ids, shard_packed, shard_sequence
 
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -36,6 +37,54 @@ def get_batch_on_this_cp_rank(batch: Dict[str, Optional[torch.Tensor]], cp_group
             raise KeyError(f"get_batch_on_this_cp_rank: unknown batch key {key!r}; expected {SEQUENCE_KEYS}")
         out[key] = shard_sequence(value, 1, rank, size, layout) if size > 1 else value
     return out
+
+
+def mask_document_ends(loss_mask: torch.Tensor, doc_lengths: Sequence[int]) -> torch.Tensor:
+    """Zero the loss at each document's last token, whose label would be the next
+    document's first token. loss_mask: [b, t] over documents back to back -> new tensor."""
+    ends = torch.tensor(doc_lengths, dtype=torch.long).cumsum(0) - 1
+    out = loss_mask.clone()
+    out[:, ends.to(out.device)] = 0
+    return out
+
+
+def get_thd_batch_on_this_cp_rank(batch: Dict[str, Optional[torch.Tensor]], doc_lengths: Sequence[int],
+                                  cp_group) -> Tuple[Dict[str, torch.Tensor], PackedSeqParams]:
+    """Pure-torch stand-in for megatron-core's TE-only ``get_thd_batch_on_this_cp_rank``.
+
+    batch: ``SEQUENCE_KEYS`` entries [1, t] holding documents of ``doc_lengths`` back to
+    back (sum == t). Each document is padded to a multiple of 2P (pads: token 0, label 0,
+    loss 0), then sharded per document (``shard_packed``). Returns the local batch
+    [1, t_pad / P] (position_ids restart per document; the loss is masked on pads and
+    on each document's last token) and mcore's PackedSeqParams with global cu_seqlens.
+    """
+    rank, size = rank_and_size(cp_group)
+    lengths = [int(n) for n in doc_lengths]
+    cu_pad = pad_packed_lengths(lengths, size)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    tokens = batch["tokens"]
+    if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] != int(cu[-1]):
+        raise ValueError(f"get_thd_batch_on_this_cp_rank: tokens must be [1, sum(doc_lengths)={int(cu[-1])}] "
+                         f"(packed sequences have micro batch size 1), got {tuple(tokens.shape)}")
+    dest = torch.cat([torch.arange(a, a + n) for a, n in zip(cu_pad[:-1].tolist(), lengths)])
+    out = {}
+    for key, value in batch.items():
+        if key == "attention_mask" or value is None:
+            continue
+        if key not in SEQUENCE_KEYS:
+            raise KeyError(f"get_thd_batch_on_this_cp_rank: unknown batch key {key!r}; expected {SEQUENCE_KEYS}")
+        if key == "loss_mask":
+            value = mask_document_ends(value, lengths)
+        padded = value.new_zeros((1, int(cu_pad[-1])))
+        padded[:, dest.to(value.device)] = value
+        out[key] = shard_packed(padded, 1, cu_pad, rank, size)
+    out["position_ids"] = packed_position_ids(cu_pad, rank, size).unsqueeze(0).to(tokens.device)
+    longest = int((cu_pad[1:] - cu_pad[:-1]).max())
+    cu, cu_pad = cu.to(tokens.device), cu_pad.to(tokens.device)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_pad,
+                             cu_seqlens_kv_padded=cu_pad, max_seqlen_q=longest, max_seqlen_kv=longest)
+    return out, params
 
 
 def masked_loss_sum(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

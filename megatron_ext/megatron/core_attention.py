@@ -5,12 +5,15 @@ parallel on CPU or GPU. Megatron's own ``DotProductAttention`` refuses
 
 No dense [s, s] mask is ever built: causal masking is done block-wise by the
 CP kernels, and ``attention_mask`` is ignored for the causal and no-mask types.
+Packed sequences come as mcore's ``PackedSeqParams(qkv_format="thd")`` with
+q/k/v [t_local, h, d]; documents then attend only to themselves (``cu_seqlens``).
 """
 from __future__ import annotations
 
 import math
 from typing import Optional
 
+import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -80,18 +83,39 @@ class ContextParallelAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, /, *, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        """[s_local, b, h, d], [s_local, b, h_kv, d] x2 -> [s_local, b, h * d]."""
-        if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences (thd) are not supported by ContextParallelAttention yet")
+        """[s_local, b, h, d], [s_local, b, h_kv, d] x2 -> [s_local, b, h * d]; packed (thd):
+        [t_local, h, d], [t_local, h_kv, d] x2 -> [t_local, h * d] (mcore adds b = 1)."""
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported by ContextParallelAttention")
         causal = self._causal(attn_mask_type)
+        cu_seqlens = _packed_cu_seqlens(packed_seq_params, self.layer_number)
+        if cu_seqlens is not None:
+            if query.dim() != 3:
+                raise ValueError(f"packed (thd) core attention takes q [t, h, d]; got {tuple(query.shape)} "
+                                 f"(layer {self.layer_number})")
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))  # [t, 1, h, d]
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # sbhd -> bshd views
+        extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         if self.hierarchical is not None:
             out = hybrid_attention(q, k, v, self.hierarchical[0], self.hierarchical[1], causal=causal,
-                                   softmax_scale=self.softmax_scale)
+                                   softmax_scale=self.softmax_scale, **extra)
         else:
             out = _SINGLE_GROUP[self.cp_comm_type](q, k, v, self.cp_group, causal=causal,
-                                                   softmax_scale=self.softmax_scale)
+                                                   softmax_scale=self.softmax_scale, **extra)
         s, b, h, d = query.shape
-        return out.transpose(0, 1).reshape(s, b, h * d)
+        out = out.transpose(0, 1).reshape(s, b, h * d)
+        return out if cu_seqlens is None else out.squeeze(1)
+
+
+def _packed_cu_seqlens(params, layer_number: int):
+    """The global padded cu_seqlens of mcore's PackedSeqParams (None when not packed)."""
+    if params is None:
+        return None
+    if params.qkv_format != "thd":
+        raise NotImplementedError(f"ContextParallelAttention supports packed_seq_params with qkv_format='thd', "
+                                  f"not {params.qkv_format!r} (layer {layer_number})")
+    cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+    cu_kv = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
+    if cu_q is None or cu_kv is None or not torch.equal(cu_q.cpu(), cu_kv.cpu()):
+        raise ValueError(f"packed self-attention needs the same cu_seqlens for q and kv (layer {layer_number})")
+    return cu_q

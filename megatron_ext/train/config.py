@@ -81,6 +81,23 @@ class DataConfig:
     """Where GPTDataset caches its indices (default: next to the checkpoints)."""
     seed: int = 1234
     """Sample order seed."""
+    packing: str = ""
+    """none (Megatron's concatenation) or sft (whole examples packed into seq_length, documents
+    masked from each other; needs sft data). Empty: sft for the sft and long_sft stages, else none."""
+    drop_overlong: bool = False
+    """packing=sft: skip (and count) examples longer than seq_length instead of raising."""
+    document_masks: bool = False
+    """packing=none: mask attention at document (EOD) boundaries inside each sample too."""
+
+
+def packing_mode(cfg) -> str:
+    """data.packing resolved for the stage of ``cfg`` (a TrainConfig): "none" or "sft"."""
+    mode = cfg.data.packing or ("sft" if cfg.stage in ("sft", "long_sft") else "none")
+    if mode not in ("none", "sft"):
+        raise ValueError(f"data.packing {mode!r} is not one of none, sft")
+    if mode == "sft" and not cfg.data.sft:
+        raise ValueError("data.packing=sft needs data.sft=true (examples come with their loss masks)")
+    return mode
 
 
 @dataclass
@@ -303,4 +320,5 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
                          f"micro_batch_size x DP = {per_step}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision {cfg.precision!r} is not auto, fp32 or bf16")
+    packing_mode(cfg)
     return {"dp": dp, "grad_accum": cfg.optim.global_batch_size // per_step}
