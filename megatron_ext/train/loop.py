@@ -54,6 +54,7 @@ def build_model(cfg: TrainConfig, vocab_size: int):
         recompute_method="uniform" if cfg.recompute else None, recompute_num_layers=1 if cfg.recompute else None,
         gated_linear_unit=m.swiglu, activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
         bias_activation_fusion=False, normalization=m.normalization, add_bias_linear=m.add_bias_linear,
+        layernorm_epsilon=m.norm_epsilon, add_qkv_bias=m.add_qkv_bias,
     )
     torch.manual_seed(cfg.seed)
     model = build_gpt_model(config, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_length, rope=m.rope,
