@@ -16,6 +16,7 @@ from ..train.config import DataConfig, ModelConfig, TrainConfig
 
 # HF architecture -> does it carry QKV biases.
 ARCHITECTURES = {"LlamaForCausalLM": False, "MistralForCausalLM": False, "Qwen2ForCausalLM": True}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 class ConversionError(ValueError):
@@ -29,8 +30,8 @@ def _need(hf: Dict[str, Any], key: str, where: str):
 
 
 def architecture(hf: Dict[str, Any], where: str) -> str:
-    """The one supported architecture named by ``architectures``."""
-    archs = hf.get("architectures") or []
+    """The one supported architecture named by ``architectures`` (else by ``model_type``)."""
+    archs = hf.get("architectures") or ([MODEL_TYPES[hf["model_type"]]] if hf.get("model_type") in MODEL_TYPES else [])
     if len(archs) != 1 or archs[0] not in ARCHITECTURES:
         raise ConversionError(f"{where}: architectures={archs} is not supported; supported: {sorted(ARCHITECTURES)}")
     return archs[0]
@@ -66,8 +67,10 @@ def rope_from_hf(hf: Dict[str, Any], where: str) -> RopeConfig:
     if kind == "default":
         return RopeConfig(base=base, original_max_position=mpe)
     original = int(p.get("original_max_position_embeddings") or mpe)
-    if kind == "linear":
-        return RopeConfig(base=base, scaling="linear", factor=float(p["factor"]), original_max_position=original)
+    if kind == "linear":  # HF's linear has no original length: max_position_embeddings is taken as the extended one
+        factor = float(p["factor"])
+        original = int(p.get("original_max_position_embeddings") or round(mpe / factor))
+        return RopeConfig(base=base, scaling="linear", factor=factor, original_max_position=original)
     if kind == "dynamic":  # HF scales from max_position_embeddings, whatever else the config says
         return RopeConfig(base=base, scaling="dynamic", factor=float(p["factor"]), original_max_position=mpe)
     if kind == "llama3":
