@@ -39,7 +39,8 @@ def _save(model, path, how="single"):
     if how == "bin":
         os.makedirs(path)
         model.config.save_pretrained(path)
-        state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+        tied = model.config.tie_word_embeddings
+        state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not tied}
         torch.save(state, os.path.join(path, "pytorch_model.bin"))
     else:
         model.save_pretrained(path, max_shard_size="40KB" if how == "sharded" else "5GB")
@@ -57,7 +58,7 @@ def test_import_logits_and_export_roundtrip(arch, tmp_path):
     src = _save(model, tmp_path / "hf", ARCHS[arch][3])
     assert (arch != "llama") or os.path.exists(os.path.join(src, "model.safetensors.index.json"))
     import_hf(src, str(tmp_path / "ours"))
-    assert os.path.exists(tmp_path / "ours" / "step-0" / "COMPLETE") and os.path.exists(tmp_path / "ours" / "config.yaml")
+    assert (tmp_path / "ours" / "step-0" / "COMPLETE").exists() and (tmp_path / "ours" / "config.yaml").exists()
     ids = torch.randint(0, 512, (2, 37))  # odd length: forward_logits pads one token and drops it
     ref = _hf_logits(model, ids)
     ours = forward_logits(str(tmp_path / "ours"), ids)
@@ -121,7 +122,8 @@ def test_unrepresentable_rope_and_window_are_errors_naming_them():
     with pytest.raises(ConversionError, match="'longrope'"):
         train_config_from_hf({**base, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "cfg")
     with pytest.raises(ConversionError, match="attention factor"):
-        train_config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 2.0}}, "x")
+        yarn = {"rope_type": "yarn", "factor": 4.0, "attention_factor": 2.0}
+        train_config_from_hf({**base, "rope_scaling": yarn}, "x")
     with pytest.raises(ConversionError, match="sliding_window=1024"):
         train_config_from_hf({**base, "architectures": ["MistralForCausalLM"], "sliding_window": 1024}, "cfg")
 

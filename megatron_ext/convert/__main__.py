@@ -14,7 +14,8 @@ from .hf_config import ConversionError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_ext.convert", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import-hf", help="HF folder (config.json + safetensors/.bin) -> SAVE_DIR/step-0 + config.yaml")
+    imp = sub.add_parser("import-hf",
+                         help="HF folder (config.json + safetensors/.bin) -> SAVE_DIR/step-0 + config.yaml")
     imp.add_argument("--hf-dir", required=True, help="local Hugging Face model folder")
     imp.add_argument("--out", required=True, help="save_dir to create (step-0 and config.yaml go here)")
     imp.add_argument("--dtype", choices=("fp32", "bf16"), default="",

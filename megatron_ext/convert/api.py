@@ -32,9 +32,11 @@ def import_hf(hf_dir: str, out: str, dtype: str = "") -> str:
     check_tensors({name: shape for name, (shape, _) in tensors.items()}, expected_hf_shapes(cfg.model), hf_dir)
     out = os.path.abspath(out)
     if existing_checkpoints(out):
-        raise ConversionError(f"{out} already holds checkpoints {existing_checkpoints(out)}; import into an empty folder")
+        raise ConversionError(f"{out} already holds checkpoints {existing_checkpoints(out)}; "
+                              f"import into an empty folder")
     tokenizer = f"hf:{os.path.abspath(hf_dir)}" if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else ""
-    cfg = dataclasses.replace(cfg, precision=dtype or "auto", data=dataclasses.replace(cfg.data, tokenizer_model=tokenizer),
+    cfg = dataclasses.replace(cfg, precision=dtype or "auto",
+                              data=dataclasses.replace(cfg.data, tokenizer_model=tokenizer),
                               checkpoint=CheckpointConfig(save_dir=out + "-pretrain", init_from=out))
     with single_process():
         model = build_fp32_model(cfg, cfg.model.vocab_size)
@@ -45,7 +47,8 @@ def import_hf(hf_dir: str, out: str, dtype: str = "") -> str:
                 params[name].copy_(tensor)
                 done.add(name)
         if done != set(params):  # the mapping and the builder disagree: a bug, not bad input
-            raise RuntimeError(f"HF mapping left {sorted(set(params) - done)} unset and produced {sorted(done - set(params))}")
+            raise RuntimeError(f"HF mapping left {sorted(set(params) - done)} unset and produced "
+                               f"{sorted(done - set(params))}")
         step = save_model_checkpoint(out, 0, model, to_dict(cfg))
     atomic_write(os.path.join(out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     return step

@@ -153,7 +153,8 @@ def hf_config_from_train(cfg: TrainConfig, vocab_size: int, dtype: str) -> Dict[
     m = cfg.model
     if not (m.swiglu and m.normalization == "RMSNorm" and not m.add_bias_linear):
         raise ConversionError(f"model (swiglu={m.swiglu}, normalization={m.normalization}, add_bias_linear="
-                              f"{m.add_bias_linear}) is not Llama-family; export needs swiglu, RMSNorm, no linear biases")
+                              f"{m.add_bias_linear}) is not Llama-family; export needs swiglu, RMSNorm, "
+                              f"no linear biases")
     head_dim = m.hidden_size // m.num_attention_heads
     theta, scaling = rope_to_hf(m.rope, head_dim)
     mpe = m.rope.original_max_position if m.rope.scaling == "dynamic" else cfg.data.seq_length

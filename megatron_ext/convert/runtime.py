@@ -34,7 +34,8 @@ def single_process():
     try:
         if created_state:
             init_model_parallel(TrainConfig())
-        yield
+        with torch.random.fork_rng(devices=[]):  # the builder seeds torch; leave the caller's generator alone
+            yield
     finally:
         if created_state:
             parallel_state.destroy_model_parallel()

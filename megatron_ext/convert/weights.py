@@ -106,7 +106,8 @@ def hf_to_mcore(load: Callable[[str], torch.Tensor], m: ModelConfig,
             yield mc + "self_attention.linear_qkv.bias", fuse_qkv(*(load(f"{attn}{x}_proj.bias") for x in "qkv"), ng)
         yield mc + "self_attention.linear_proj.weight", load(attn + "o_proj.weight")
         yield norm2, load(hf + "post_attention_layernorm.weight")
-        yield mc + "mlp.linear_fc1.weight", torch.cat([load(hf + "mlp.gate_proj.weight"), load(hf + "mlp.up_proj.weight")])
+        gate_up = [load(hf + "mlp.gate_proj.weight"), load(hf + "mlp.up_proj.weight")]
+        yield mc + "mlp.linear_fc1.weight", torch.cat(gate_up)
         yield mc + "mlp.linear_fc2.weight", load(hf + "mlp.down_proj.weight")
     yield "decoder.final_layernorm.weight", load("model.norm.weight")
     if m.untie_embeddings:
