@@ -28,11 +28,10 @@ from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from megatron_ext.sysinfo import peak_rss_bytes
-
 from .common import atomic_write, load_tokenizer, open_binary, progress
 from .indexed import index_bytes, token_dtype
 from .records import REASONS, BadRecord, document_segments, sft_segments
+from .sysinfo import peak_rss_bytes
 
 MASK_DATASET = "loss_mask"
 

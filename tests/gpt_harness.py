@@ -5,6 +5,8 @@ The reference is one rank, CP = TP = 1, with megatron-core's own local attention
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -25,7 +27,9 @@ SEQ, BATCH, VOCAB = 256, 2, 128
 
 
 def build_model(tp: int, cp: int, cp_comm_type, spec: str = "cp", rope: RopeConfig = None) -> GPTModel:
-    """spec "cp": our attention and RoPE; "mcore": megatron-core's local layers and RotaryEmbedding."""
+    """spec "cp": our attention and RoPE; "mcore": megatron-core's local layers and RotaryEmbedding;
+    "megatron-lm": Megatron-LM's ``--spec megatron_ext.megatron.specs gpt_layer_cp_spec`` route (the
+    attribute itself goes to GPTModel, with megatron-core's RotaryEmbedding)."""
     config = TransformerConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
         use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
@@ -33,8 +37,10 @@ def build_model(tp: int, cp: int, cp_comm_type, spec: str = "cp", rope: RopeConf
         calculate_per_token_loss=True,  # mcore DDP then sums grads over DP x CP, as cp_masked_loss needs
     )
     torch.manual_seed(1234)  # same full weights for every TP/CP layout (CPU init splits a master copy)
-    if spec == "mcore":
-        return GPTModel(config, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
+    if spec in ("mcore", "megatron-lm"):
+        layer_spec = (get_gpt_layer_local_spec() if spec == "mcore" else
+                      getattr(importlib.import_module("megatron_ext.megatron.specs"), "gpt_layer_cp_spec"))
+        return GPTModel(config, layer_spec, vocab_size=VOCAB, max_sequence_length=SEQ,
                         position_embedding_type="rope", rotary_base=int((rope or RopeConfig()).base))
     return build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, rope=rope)
 

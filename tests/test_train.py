@@ -32,7 +32,8 @@ def train(*args, timeout=120, **kw):
 
 
 def losses(save_dir):
-    return [json.loads(line) for line in open(os.path.join(save_dir, "metrics.jsonl"))]
+    recs = [json.loads(line) for line in open(os.path.join(save_dir, "metrics.jsonl"))]
+    return [r for r in recs if "loss" in r]  # training iterations (validation records carry valid_loss)
 
 
 def test_config_errors_name_the_problem(tmp_path):

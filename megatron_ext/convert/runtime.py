@@ -1,8 +1,6 @@
 """One-process model runtime for conversion: a 1-rank gloo group, megatron-core's
-parallel_state at TP = CP = 1, the model builder, and the checkpoint calls.
-
-The three checkpoint functions below are the only place convert touches the
-checkpoint format, so a change of format is one edit here.
+parallel_state at TP = CP = 1, the trainer's model builder, and its checkpoints
+(megatron-core dist_checkpointing, through megatron_ext.train.checkpoint).
 """
 from __future__ import annotations
 
@@ -21,7 +19,7 @@ from ..train.config import ParallelConfig, TrainConfig
 def single_process():
     """A 1-rank gloo group and parallel_state (TP = CP = 1) for the block, unless they
     exist already; what this created is torn down on exit."""
-    from ..train.loop import init_model_parallel
+    from ..train.model import init_model_parallel
 
     created_group = not dist.is_initialized()
     if created_group:
@@ -45,7 +43,7 @@ def single_process():
 
 def build_fp32_model(cfg: TrainConfig, vocab_size: int, seq_length: int = 0):
     """Our GPTModel for ``cfg.model`` at TP = CP = 1, fp32, eval mode (inside :func:`single_process`)."""
-    from ..train.loop import build_model
+    from ..train.model import build_model
 
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig(), precision="fp32",
                               data=dataclasses.replace(cfg.data, seq_length=max(seq_length, cfg.data.seq_length)))
@@ -55,23 +53,19 @@ def build_fp32_model(cfg: TrainConfig, vocab_size: int, seq_length: int = 0):
     return model.eval()
 
 
-# -- checkpoint format (adapter over megatron_ext.train.checkpoint) ----------------------------------
+# -- checkpoints: megatron_ext.train.checkpoint's weights-only calls ---------------------------------
 def save_model_checkpoint(save_dir: str, iteration: int, model, config: dict) -> str:
     """Weights and ``config`` (a TrainConfig dict) as ``save_dir/step-N`` (with its COMPLETE marker)."""
     from ..train import checkpoint as ckpt
 
-    optimizer = torch.optim.AdamW(model.parameters())  # no state yet: the checkpoint carries the weights
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    extra = {"iteration": iteration, "consumed_samples": 0, "skipped_iterations": 0,
-             "config_yaml": yaml.safe_dump(config)}
-    return ckpt.save(save_dir, iteration, model, optimizer, scheduler, extra, keep_last=0, tp_size=1)
+    return ckpt.save_model_checkpoint(save_dir, iteration, model, config)
 
 
 def load_model_weights(path: str, model) -> None:
     """Weights of the checkpoint at ``path`` (save_dir or step folder) into ``model``."""
     from ..train import checkpoint as ckpt
 
-    ckpt.load(ckpt.latest_checkpoint(path), model, weights_only=True)
+    ckpt.load_model_weights(path, model)
 
 
 def read_checkpoint(path: str) -> Tuple[TrainConfig, int, str]:
