@@ -17,7 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.megatron.batch import cp_masked_loss, get_batch_on_this_cp_rank, reduce_gradients
+from megatron_ext.megatron.batch import cp_masked_loss, get_batch_on_this_cp_rank
 from megatron_ext.megatron.cpu import enable_cpu_runtime
 from megatron_ext.megatron.model import build_gpt_model
 from megatron_ext.rope import RopeConfig
@@ -72,7 +72,7 @@ def full_grads(model, tp_group) -> dict:
 
 def run_step(model, batch, ddp: bool = False) -> dict:
     """One forward/backward; gradients summed over DP x CP by megatron-core's DDP
-    (``ddp``) or by :func:`reduce_gradients`."""
+    (``ddp``) or, for a bare model, by one all-reduce per gradient here."""
     cp_group = parallel_state.get_context_parallel_group()
     local = get_batch_on_this_cp_rank(batch, cp_group)
     dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
@@ -84,8 +84,10 @@ def run_step(model, batch, ddp: bool = False) -> dict:
     if ddp:
         model.finish_grad_sync()
         model = model.module
-    else:
-        reduce_gradients(model.parameters(), dp_cp)
+    elif dp_cp.size() > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=dp_cp)
     cp_rank, cp_size = cp_group.rank(), cp_group.size()
     return {"per_token": per_token.detach(), "positions": position_ids(SEQ, cp_rank, cp_size),
             "loss": reported.item(), "count": count.item(),

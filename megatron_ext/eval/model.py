@@ -47,7 +47,7 @@ def read_checkpoint(path: str) -> CheckpointInfo:
 
 
 def check_tokenizer(tokenizer_model: str, info: CheckpointInfo):
-    """The sentencepiece processor, if its vocabulary fits the checkpoint's embedding."""
+    """The tokenizer (data_tools.common.load_tokenizer), if its vocabulary fits the checkpoint's embedding."""
     from data_tools.common import load_tokenizer
 
     sp = load_tokenizer(tokenizer_model)
