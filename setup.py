@@ -24,6 +24,8 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        # Hugging Face import/export (megatron_ext.convert) and hf: tokenizers
+        "hf": ["transformers>=4.45", "safetensors>=0.4", "tokenizers>=0.20"],
+        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "safetensors>=0.4", "tokenizers>=0.20"],
     },
 )

@@ -10,6 +10,10 @@ Methods, chosen by :class:`RopeConfig.scaling`:
 * ``yarn``   NTK-by-parts frequencies (megatron-core's YaRN ramp, reused) plus
              the attention temperature, returned by :func:`attention_scale_factor`
              for the softmax scale.
+* ``dynamic`` dynamic NTK (Hugging Face's ``dynamic``): the NTK base grows with the
+             sequence length once it exceeds original_max_position.
+* ``llama3`` Llama 3.1's per-band scaling: long wavelengths / factor, short ones
+             kept, a smooth blend between (low/high_freq_factor).
 
 Why not megatron-core's embedding as is: it multiplies fp32 positions by fp32
 frequencies, so at position 2e5 an angle is off by up to ~1e-2 rad. Here angles
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-SCALINGS = ("none", "abf", "linear", "ntk", "yarn")
+SCALINGS = ("none", "abf", "linear", "ntk", "yarn", "dynamic", "llama3")
 
 
 @dataclass
@@ -35,9 +39,9 @@ class RopeConfig:
     base: float = 10000.0
     """Rotary base the model was pretrained with."""
     scaling: str = "none"
-    """One of none, abf, linear, ntk, yarn."""
+    """One of none, abf, linear, ntk, yarn, dynamic, llama3."""
     factor: float = 1.0
-    """Extension factor for linear/ntk/yarn: target context / original_max_position."""
+    """Extension factor for linear/ntk/yarn/dynamic/llama3: target context / original_max_position."""
     abf_base: float = 5_000_000.0
     """The raised base for ``abf`` (e.g. 5e6 for 4K -> 200K)."""
     original_max_position: int = 4096
@@ -46,22 +50,32 @@ class RopeConfig:
     """YaRN: rotations above which frequencies are kept (extrapolated)."""
     yarn_beta_slow: float = 1.0
     """YaRN: rotations below which frequencies are interpolated."""
+    llama3_low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max_position / this are divided by factor."""
+    llama3_high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max_position / this are kept."""
 
     def __post_init__(self):
         if self.scaling not in SCALINGS:
             raise ValueError(f"rope scaling {self.scaling!r} is not one of {SCALINGS}")
-        if self.scaling in ("linear", "ntk", "yarn") and self.factor < 1.0:
+        if self.scaling in ("linear", "ntk", "yarn", "dynamic", "llama3") and self.factor < 1.0:
             raise ValueError(f"rope factor must be >= 1 for {self.scaling}, got {self.factor}")
 
 
-def inv_frequencies(dim: int, cfg: RopeConfig) -> torch.Tensor:
-    """Rotary inverse frequencies, float64 [dim / 2]."""
+def inv_frequencies(dim: int, cfg: RopeConfig, seq_len: int = 0) -> torch.Tensor:
+    """Rotary inverse frequencies, float64 [dim / 2]. ``seq_len`` (the length of the
+    sequence being rotated) matters only for ``dynamic``."""
     exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
     if cfg.scaling == "abf":
         return cfg.abf_base ** -exponents
     if cfg.scaling == "ntk":
         return (cfg.base * cfg.factor ** (dim / (dim - 2))) ** -exponents
+    if cfg.scaling == "dynamic":
+        grow = max(1.0, cfg.factor * seq_len / cfg.original_max_position - (cfg.factor - 1))
+        return (cfg.base * grow ** (dim / (dim - 2))) ** -exponents
     inv = cfg.base ** -exponents
+    if cfg.scaling == "llama3":
+        return _llama3(inv, cfg)
     if cfg.scaling == "yarn":
         keep = yarn_keep_mask(dim, cfg)
         inv = inv / cfg.factor * (1 - keep) + inv * keep
@@ -85,12 +99,26 @@ def yarn_keep_mask(dim: int, cfg: RopeConfig) -> torch.Tensor:
     return 1.0 - ramp.double()
 
 
-def rope_angles(positions: torch.Tensor, dim: int, cfg: RopeConfig) -> torch.Tensor:
-    """Angles for ``positions`` (LongTensor [n]) -> fp32 [n, dim / 2] in [0, 2*pi)."""
+def _llama3(inv: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
+    """Llama 3.1's band-wise scaling of inverse frequencies ``inv`` [dim / 2]."""
+    low, high = cfg.llama3_low_freq_factor, cfg.llama3_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (cfg.original_max_position / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv / cfg.factor + smooth * inv
+    out = torch.where(wavelen > cfg.original_max_position / low, inv / cfg.factor, inv)
+    middle = (wavelen <= cfg.original_max_position / low) & (wavelen >= cfg.original_max_position / high)
+    return torch.where(middle, blended, out)
+
+
+def rope_angles(positions: torch.Tensor, dim: int, cfg: RopeConfig, seq_len: int = 0) -> torch.Tensor:
+    """Angles for ``positions`` (LongTensor [n]) -> fp32 [n, dim / 2] in [0, 2*pi).
+    ``dynamic`` scales by ``seq_len``, default max(positions) + 1 (as Hugging Face)."""
     pos = positions.to(torch.float64)
     if cfg.scaling == "linear":
         pos = pos / cfg.factor
-    angles = torch.outer(pos, inv_frequencies(dim, cfg).to(pos.device))
+    if cfg.scaling == "dynamic" and not seq_len:
+        seq_len = int(positions.max()) + 1 if positions.numel() else 0
+    angles = torch.outer(pos, inv_frequencies(dim, cfg, seq_len).to(pos.device))
     return torch.remainder(angles, 2 * math.pi).to(torch.float32)
 
 

@@ -7,7 +7,8 @@ import torch
 from megatron_ext.rope import RopeConfig, apply_rope, attention_scale_factor, inv_frequencies, rope_angles
 
 METHODS = [RopeConfig(), RopeConfig(scaling="abf", abf_base=5e6), RopeConfig(scaling="linear", factor=50.0),
-           RopeConfig(scaling="ntk", factor=50.0), RopeConfig(scaling="yarn", factor=50.0)]
+           RopeConfig(scaling="ntk", factor=50.0), RopeConfig(scaling="yarn", factor=50.0),
+           RopeConfig(scaling="llama3", factor=50.0)]
 D = 128
 
 
@@ -53,7 +54,29 @@ def test_frequency_formulas():
     assert torch.allclose(lin, rope_angles(torch.tensor([100]), D, RopeConfig()), atol=1e-6)
     assert attention_scale_factor(RopeConfig(scaling="yarn", factor=8.0)) == pytest.approx((0.1 * math.log(8) + 1) ** 2)
     with pytest.raises(ValueError, match="not one of"):
-        RopeConfig(scaling="dynamic")
+        RopeConfig(scaling="longrope")
+
+
+def test_dynamic_and_llama3_frequencies_float64():
+    e = torch.arange(0, D, 2, dtype=torch.float64) / D
+    inv = 10000.0 ** -e
+    dyn = RopeConfig(scaling="dynamic", factor=4.0, original_max_position=4096)
+    assert torch.equal(inv_frequencies(D, dyn, 4096), inv)  # within the original length: the base as is
+    grown = (10000.0 * (4.0 * 12288 / 4096 - 3.0) ** (D / (D - 2))) ** -e
+    assert torch.allclose(inv_frequencies(D, dyn, 12288), grown, rtol=1e-14, atol=0)
+    # rope_angles scales for max(position) + 1 unless a length is given
+    assert torch.equal(rope_angles(torch.arange(12288)[-2:], D, dyn),
+                       rope_angles(torch.arange(12288)[-2:], D, dyn, seq_len=12288))
+    assert not torch.equal(rope_angles(torch.tensor([5000]), D, dyn), rope_angles(torch.tensor([5000]), D, RopeConfig()))
+    l3 = RopeConfig(scaling="llama3", factor=8.0, original_max_position=8192)  # low 1, high 4
+    got, wavelen = inv_frequencies(D, l3), 2 * math.pi / inv
+    long, short = wavelen > 8192, wavelen < 8192 / 4
+    mid = ~long & ~short
+    assert long.any() and short.any() and mid.any()
+    assert torch.equal(got[short], inv[short])
+    assert torch.allclose(got[long], inv[long] / 8.0, rtol=1e-15, atol=0)
+    smooth = (8192 / wavelen[mid] - 1.0) / (4.0 - 1.0)
+    assert torch.allclose(got[mid], (1 - smooth) * inv[mid] / 8.0 + smooth * inv[mid], rtol=1e-15, atol=0)
 
 
 def test_enable_cpu_runtime_is_idempotent():

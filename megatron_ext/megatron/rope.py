@@ -12,7 +12,8 @@ class LongContextRotaryEmbedding(RotaryEmbedding):
 
     Same interface (``forward(max_seq_len, offset, packed_seq, cp_group)`` -> emb
     [s_local, 1, 1, d]), so it replaces ``GPTModel.rotary_pos_emb``; the zigzag CP
-    slicing stays megatron-core's.
+    slicing stays megatron-core's. ``scaling_length`` (0: the rotated length) is
+    the sequence length ``dynamic`` scales for, so a caller that pads can keep it.
     """
 
     def __init__(self, kv_channels: int, rope: RopeConfig, rotary_percent: float = 1.0, cp_group=None):
@@ -20,7 +21,8 @@ class LongContextRotaryEmbedding(RotaryEmbedding):
                          cp_group=cp_group)
         self.rope = rope
         self.rotary_dim = int(kv_channels * rotary_percent)
+        self.scaling_length = 0
 
     def get_freqs_non_repeated(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
         positions = torch.arange(offset, offset + max_seq_len, dtype=torch.long)
-        return rope_angles(positions, self.rotary_dim, self.rope).to(self.inv_freq.device)
+        return rope_angles(positions, self.rotary_dim, self.rope, self.scaling_length).to(self.inv_freq.device)

@@ -61,6 +61,10 @@ class ModelConfig:
     """Biases in the linear layers (LLaMA/Skywork: none)."""
     untie_embeddings: bool = False
     """Separate input embedding and output layer weights."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of LayerNorm/RMSNorm (Llama: 1e-5 or 1e-6, HF ``rms_norm_eps``)."""
+    add_qkv_bias: bool = False
+    """Bias on the fused QKV projection only (Qwen2), even when add_bias_linear is off."""
 
 
 @dataclass

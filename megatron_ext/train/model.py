@@ -44,6 +44,7 @@ def transformer_config(cfg: TrainConfig):
         recompute_method="uniform" if recompute else None, recompute_num_layers=1 if recompute else None,
         gated_linear_unit=m.swiglu, activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
         bias_activation_fusion=False, normalization=m.normalization, add_bias_linear=m.add_bias_linear,
+        layernorm_epsilon=m.norm_epsilon, add_qkv_bias=m.add_qkv_bias,
     )
 
 

@@ -1,0 +1,7 @@
+"""Hugging Face <-> megatron_ext checkpoints (Llama, Mistral, Qwen2), and
+:func:`forward_logits` to compare our model's logits with anyone else's."""
+from .api import export_hf, import_hf
+from .hf_config import ConversionError
+from .logits import forward_logits
+
+__all__ = ["forward_logits", "import_hf", "export_hf", "ConversionError"]

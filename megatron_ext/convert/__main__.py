@@ -1,0 +1,48 @@
+"""``python -m megatron_ext.convert import-hf|export-hf``: Hugging Face <-> megatron_ext checkpoints.
+
+Bad input (unsupported architecture or RoPE, missing/unexpected/mis-shaped
+tensors, no weights) prints one line and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .hf_config import ConversionError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megatron_ext.convert", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import-hf",
+                         help="HF folder (config.json + safetensors/.bin) -> SAVE_DIR/step-0 + config.yaml")
+    imp.add_argument("--hf-dir", required=True, help="local Hugging Face model folder")
+    imp.add_argument("--out", required=True, help="save_dir to create (step-0 and config.yaml go here)")
+    imp.add_argument("--dtype", choices=("fp32", "bf16"), default="",
+                     help="training precision written to config.yaml (default auto); weights are stored in fp32")
+    exp = sub.add_parser("export-hf", help="SAVE_DIR (or step folder) -> HF folder (config.json + model.safetensors)")
+    exp.add_argument("--checkpoint", required=True, help="save_dir (newest complete step) or step-N folder")
+    exp.add_argument("--out", required=True, help="HF folder to write")
+    exp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the written tensors")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from .api import export_hf, import_hf
+
+    try:
+        if args.command == "import-hf":
+            step = import_hf(args.hf_dir, args.out, args.dtype)
+            print(f"imported {args.hf_dir} -> {step} (config: {args.out}/config.yaml)")
+        else:
+            arch = export_hf(args.checkpoint, args.out, args.dtype)
+            print(f"exported {args.checkpoint} -> {args.out} ({arch}, config.json + model.safetensors)")
+    except (ConversionError, FileNotFoundError, ValueError) as e:  # bad input; a bug raises something else
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""import-hf and export-hf: a Hugging Face folder <-> a megatron_ext checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import torch
+import yaml
+
+from data_tools.common import atomic_write
+from ..train.config import CheckpointConfig, to_dict
+from .hf_config import ConversionError, architecture, hf_config_from_train, train_config_from_hf
+from .io import open_tensors, read_hf_config, write_hf_folder
+from .runtime import (build_fp32_model, existing_checkpoints, load_model_weights, read_checkpoint,
+                      save_model_checkpoint, single_process)
+from .weights import check_tensors, expected_hf_shapes, hf_to_mcore, mcore_to_hf
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def import_hf(hf_dir: str, out: str, dtype: str = "") -> str:
+    """Convert the HF folder ``hf_dir`` into ``out/step-0`` plus ``out/config.yaml``; returns
+    the step folder. ``dtype`` (fp32|bf16) is the training precision written to the
+    config (default auto); weights are stored in fp32, an exact upcast."""
+    if dtype and dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    hf = read_hf_config(hf_dir)
+    cfg = train_config_from_hf(hf, os.path.join(hf_dir, "config.json"))
+    tensors = open_tensors(hf_dir)
+    check_tensors({name: shape for name, (shape, _) in tensors.items()}, expected_hf_shapes(cfg.model), hf_dir)
+    out = os.path.abspath(out)
+    if existing_checkpoints(out):
+        raise ConversionError(f"{out} already holds checkpoints {existing_checkpoints(out)}; "
+                              f"import into an empty folder")
+    tokenizer = f"hf:{os.path.abspath(hf_dir)}" if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) else ""
+    cfg = dataclasses.replace(cfg, precision=dtype or "auto",
+                              data=dataclasses.replace(cfg.data, tokenizer_model=tokenizer),
+                              checkpoint=CheckpointConfig(save_dir=out + "-pretrain", init_from=out))
+    with single_process():
+        model = build_fp32_model(cfg, cfg.model.vocab_size)
+        params = dict(model.named_parameters())
+        done = set()
+        with torch.no_grad():
+            for name, tensor in hf_to_mcore(lambda n: tensors[n][1]().float(), cfg.model, params):
+                params[name].copy_(tensor)
+                done.add(name)
+        if done != set(params):  # the mapping and the builder disagree: a bug, not bad input
+            raise RuntimeError(f"HF mapping left {sorted(set(params) - done)} unset and produced "
+                               f"{sorted(done - set(params))}")
+        step = save_model_checkpoint(out, 0, model, to_dict(cfg))
+    atomic_write(os.path.join(out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    return step
+
+
+def export_hf(checkpoint: str, out: str, dtype: str = "fp32") -> str:
+    """Write ``out/config.json`` and ``out/model.safetensors`` (``dtype`` fp32|bf16) for the
+    checkpoint at ``checkpoint``; copies the HF tokenizer files the config names. Returns
+    the architecture written."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    cfg, vocab, step = read_checkpoint(checkpoint)
+    hf = hf_config_from_train(cfg, vocab, {"fp32": "float32", "bf16": "bfloat16"}[dtype])
+    with single_process():
+        model = build_fp32_model(cfg, vocab)
+        load_model_weights(step, model)
+        tensors = mcore_to_hf(dict(model.named_parameters()), dataclasses.replace(cfg.model, vocab_size=vocab))
+    write_hf_folder(out, hf, {k: v.to(DTYPES[dtype]) for k, v in tensors.items()})
+    source = cfg.data.tokenizer_model
+    if source.startswith("hf:"):
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(source[3:], name)):
+                shutil.copyfile(os.path.join(source[3:], name), os.path.join(out, name))
+    return architecture(hf, out)

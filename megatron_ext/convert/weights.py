@@ -1,0 +1,138 @@
+"""Hugging Face Llama-family tensors <-> megatron-core GPTModel parameters.
+
+Layouts (h = hidden, d = head dim, nq query heads, ng query groups = KV heads):
+
+* ``linear_qkv.weight`` [(nq/ng + 2) * ng * d, h]: per query group g the rows are
+  [the nq/ng query heads of group g, k head g, v head g] (mcore's SelfAttention
+  splits it that way); the bias (Qwen2) is laid out the same.
+* ``linear_fc1.weight`` [2 * ffn, h] = [gate_proj; up_proj]: mcore's GLU applies the
+  activation to the first half.
+* RMSNorm weights sit in ``input_layernorm`` / ``pre_mlp_layernorm`` (local spec) or
+  in ``layer_norm_weight`` of the fused linear layers (TransformerEngine spec);
+  the target model's keys decide.
+* RoPE: HF Llama checkpoints rotate halves (``rotate_half``), as mcore does with
+  ``rotary_interleaved=False``, so q/k rows are copied unpermuted; a model built
+  with interleaved rotary is refused.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Iterator, List, Tuple
+
+import torch
+
+from ..train.config import ModelConfig
+from .hf_config import ConversionError
+
+Shape = Tuple[int, ...]
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers that old .bin checkpoints carry; not weights
+
+
+def _dims(m: ModelConfig):
+    d = m.hidden_size // m.num_attention_heads
+    return d, m.num_attention_heads, m.num_query_groups
+
+
+def expected_hf_shapes(m: ModelConfig) -> Dict[str, Shape]:
+    """HF tensor names and shapes for ``m`` (lm_head only when untied)."""
+    d, nq, ng = _dims(m)
+    h, f = m.hidden_size, m.ffn_hidden_size
+    out = {"model.embed_tokens.weight": (m.vocab_size, h), "model.norm.weight": (h,)}
+    if m.untie_embeddings:
+        out["lm_head.weight"] = (m.vocab_size, h)
+    for i in range(m.num_layers):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                    p + "self_attn.q_proj.weight": (nq * d, h), p + "self_attn.k_proj.weight": (ng * d, h),
+                    p + "self_attn.v_proj.weight": (ng * d, h), p + "self_attn.o_proj.weight": (h, nq * d),
+                    p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                    p + "mlp.down_proj.weight": (h, f)})
+        if m.add_qkv_bias:
+            out.update({p + "self_attn.q_proj.bias": (nq * d,), p + "self_attn.k_proj.bias": (ng * d,),
+                        p + "self_attn.v_proj.bias": (ng * d,)})
+    return out
+
+
+def check_tensors(found: Dict[str, Shape], expected: Dict[str, Shape], where: str) -> None:
+    """One ConversionError listing every missing, unexpected and mis-shaped tensor."""
+    found = {k: v for k, v in found.items() if not k.endswith(IGNORED_SUFFIXES)}
+    if "lm_head.weight" in found and "lm_head.weight" not in expected:  # tied: some writers keep a copy
+        found.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k}: found {tuple(found[k])}, expected {expected[k]}" for k in sorted(set(found) & set(expected))
+             if tuple(found[k]) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        parts = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
+                 f"shape mismatches [{'; '.join(wrong)}]" if wrong else ""]
+        raise ConversionError(f"{where}: tensors do not match the config ({len(found)} found, {len(expected)} "
+                              f"expected): " + "; ".join(p for p in parts if p))
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ng: int) -> torch.Tensor:
+    """q [nq*d, ...], k/v [ng*d, ...] -> mcore's grouped [(nq/ng + 2) * ng * d, ...]."""
+    groups = [t.reshape(ng, -1, *t.shape[1:]) for t in (q, k, v)]
+    return torch.cat(groups, dim=1).reshape(-1, *q.shape[1:])
+
+
+def split_qkv(qkv: torch.Tensor, m: ModelConfig) -> List[torch.Tensor]:
+    """Inverse of :func:`fuse_qkv`: [(nq/ng + 2) * ng * d, ...] -> [q, k, v] (contiguous)."""
+    d, nq, ng = _dims(m)
+    grouped = qkv.reshape(ng, (nq // ng + 2) * d, *qkv.shape[1:])
+    parts = grouped.split([nq // ng * d, d, d], dim=1)
+    return [p.reshape(-1, *qkv.shape[1:]).contiguous() for p in parts]
+
+
+def _norm_keys(target_keys, layer: str) -> Tuple[str, str]:
+    fused = f"{layer}self_attention.linear_qkv.layer_norm_weight" in target_keys
+    if fused:
+        return f"{layer}self_attention.linear_qkv.layer_norm_weight", f"{layer}mlp.linear_fc1.layer_norm_weight"
+    return f"{layer}input_layernorm.weight", f"{layer}pre_mlp_layernorm.weight"
+
+
+def hf_to_mcore(load: Callable[[str], torch.Tensor], m: ModelConfig,
+                target_keys: Iterable[str]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(mcore parameter name, tensor) pairs, one at a time so a large model streams;
+    ``load(name)`` returns one HF tensor."""
+    target_keys = set(target_keys)
+    ng = m.num_query_groups
+    yield "embedding.word_embeddings.weight", load("model.embed_tokens.weight")
+    for i in range(m.num_layers):
+        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+        norm1, norm2 = _norm_keys(target_keys, mc)
+        attn = hf + "self_attn."
+        yield norm1, load(hf + "input_layernorm.weight")
+        yield mc + "self_attention.linear_qkv.weight", fuse_qkv(*(load(f"{attn}{x}_proj.weight") for x in "qkv"), ng)
+        if m.add_qkv_bias:
+            yield mc + "self_attention.linear_qkv.bias", fuse_qkv(*(load(f"{attn}{x}_proj.bias") for x in "qkv"), ng)
+        yield mc + "self_attention.linear_proj.weight", load(attn + "o_proj.weight")
+        yield norm2, load(hf + "post_attention_layernorm.weight")
+        gate_up = [load(hf + "mlp.gate_proj.weight"), load(hf + "mlp.up_proj.weight")]
+        yield mc + "mlp.linear_fc1.weight", torch.cat(gate_up)
+        yield mc + "mlp.linear_fc2.weight", load(hf + "mlp.down_proj.weight")
+    yield "decoder.final_layernorm.weight", load("model.norm.weight")
+    if m.untie_embeddings:
+        yield "output_layer.weight", load("lm_head.weight")
+
+
+def mcore_to_hf(params: Dict[str, torch.Tensor], m: ModelConfig) -> Dict[str, torch.Tensor]:
+    """HF tensors (contiguous, own storage) from mcore parameters; the inverse of :func:`hf_to_mcore`."""
+    out = {"model.embed_tokens.weight": params["embedding.word_embeddings.weight"],
+           "model.norm.weight": params["decoder.final_layernorm.weight"]}
+    if m.untie_embeddings:
+        out["lm_head.weight"] = params["output_layer.weight"]
+    for i in range(m.num_layers):
+        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+        norm1, norm2 = _norm_keys(params, mc)
+        out[hf + "input_layernorm.weight"] = params[norm1]
+        out[hf + "post_attention_layernorm.weight"] = params[norm2]
+        attn = hf + "self_attn."
+        for x, t in zip("qkv", split_qkv(params[mc + "self_attention.linear_qkv.weight"], m)):
+            out[f"{attn}{x}_proj.weight"] = t
+        if m.add_qkv_bias:
+            for x, t in zip("qkv", split_qkv(params[mc + "self_attention.linear_qkv.bias"], m)):
+                out[f"{attn}{x}_proj.bias"] = t
+        out[attn + "o_proj.weight"] = params[mc + "self_attention.linear_proj.weight"]
+        gate, up = params[mc + "mlp.linear_fc1.weight"].chunk(2)
+        out[hf + "mlp.gate_proj.weight"], out[hf + "mlp.up_proj.weight"] = gate, up
+        out[hf + "mlp.down_proj.weight"] = params[mc + "mlp.linear_fc2.weight"]
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
