@@ -174,6 +174,7 @@ def test_every_collective_tensor_is_on_the_helpers_device(data, tmp_path):
 def test_validation_loss_is_logged(data, tmp_path):
     save = str(tmp_path / "v")
     res = train(data, save, nproc=2, extra=["optim.train_iters=3", "data.split=90,10,0", "logging.eval_interval=2",
+                                            "precision=bf16",  # Float16Module + fp32 main params on CPU too
                                             "logging.eval_iters=1"])
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if "validation loss at iteration" in ln]

@@ -20,7 +20,7 @@ nothing.
    "CUDA" RNG state around the recomputed forward; on CPU that is torch's CPU
    generator (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``).
 6. ``device='cuda'`` tensor factories and ``torch.cuda.synchronize`` in the
-   optimizer (``optimizer/optimizer.py:473,481,485,907,1141``,
+   optimizer (``optimizer/optimizer.py:473,481,485,907,1141``, ``grad_scaler.py:15,88,91,94``,
    ``clip_grads.py:90,103,115,174,207``, ``utils.py:1207``), the pipeline schedules
    (``schedules.py:596,983,2138`` ``total_num_tokens``) and P2P
    (``p2p_communication.py:190-202,242,313,321,398``), the distributed optimizer's
@@ -216,7 +216,7 @@ def _with_cuda_type_names(fn):
 
 def _patch_device_factories():
     for name in ("megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.layers",
-                 "megatron.core.optimizer.optimizer",
+                 "megatron.core.optimizer.optimizer", "megatron.core.optimizer.grad_scaler",
                  "megatron.core.optimizer.clip_grads",
                  "megatron.core.optimizer.distrib_optimizer", "megatron.core.pipeline_parallel.schedules",
                  "megatron.core.pipeline_parallel.p2p_communication",
