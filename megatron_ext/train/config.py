@@ -25,6 +25,12 @@ class ParallelConfig:
     """p2p (ring), all_gather, a2a (Ulysses) or a2a+p2p (hybrid)."""
     ulysses_size: int = 1
     """Ulysses degree inside CP for a2a+p2p (the ring degree is CP / this)."""
+    sequence_parallel: bool = True
+    """Sequence parallel when TP > 1: norm and layer-input activations split by TP."""
+    use_distributed_optimizer: bool = True
+    """Shard fp32 main params and Adam states over the DP x CP group (as Megatron-LM)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the bucketed gradient reduction with the backward."""
 
 
 @dataclass
