@@ -37,6 +37,9 @@ class RunShape:
     """Interleaved pipeline chunks per stage (1: plain 1F1B)."""
     sequence_parallel: bool = True
     """With TP > 1, norm inputs and the layers' inputs are split by TP too."""
+    fused_rms_norm: bool = True
+    """RMSNorm saves its input and 1/rms only (CUDA: apex or torch's fused kernel); on CPU
+    torch's composite rms_norm also saves the normalised input (one more h per norm)."""
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,8 @@ def saved_per_token(shape: ModelShape, run: RunShape, lay: Layout, act: int) -> 
     ring / all_gather: the QKV linear's output stays alive (V is a view of it), plus
     the RoPE'd Q and K copies; Ulysses/hybrid save their head-sharded q, k, v, out
     instead. cos/sin of RoPE are saved per call ([s, 1, 1, d]: not split by TP).
+    SwiGLU (mcore's unfused glu): fc1 out [2f], silu out, x_linear + glu_linear_offset
+    (a new tensor even at offset 0) and the product (fc2's input): 5f; GELU: 2f.
     """
     h, kv, f, d = shape.hidden_size, shape.kv_size, shape.ffn_hidden_size, shape.head_dim
     heads = shape.num_attention_heads
@@ -88,11 +90,12 @@ def saved_per_token(shape: ModelShape, run: RunShape, lay: Layout, act: int) -> 
         attn = h + 2 * kv * rep + h  # q_h, k_h, v_h, out_h
     else:
         attn = (h + 2 * kv) + (h + kv)  # mixed QKV (held by V's view), RoPE'd Q and K
-    return {"norm inputs and linear inputs (SP-split)": 4 * h * act * lay.tp / _sp(run, lay),
+    norm_copies = 1 if shape.layernorm or run.fused_rms_norm else 2
+    return {"norm inputs and linear inputs (SP-split)": (2 * norm_copies + 2) * h * act * lay.tp / _sp(run, lay),
             "attention q/k/v kept for backward": attn * act,
             "attention output (proj input)": h * act,
             "attention lse (fp32)": heads * 4.0,
-            "MLP: fc1 out, activation, fc2 input": ((4 if shape.swiglu else 2) * f) * act,
+            "MLP: fc1 out, activation, fc2 input": ((5 if shape.swiglu else 2) * f) * act,
             "RoPE cos/sin (not TP-split)": 4 * d * act * lay.tp}
 
 
@@ -117,7 +120,7 @@ def attention_buffers(shape: ModelShape, run: RunShape, lay: Layout, tokens: flo
     kvn = tokens * shape.kv_size / lay.tp * rep
 
     def ring(size: int, waves: int) -> float:
-        own = (qn + 2 * kvn) * (4 + act)  # fp32 dq/dk/dv and the kernel's own-block grads / casts
+        own = (qn + 2 * kvn) * (4 + (act if act < 4 else 0))  # fp32 dq/dk/dv, and their act-dtype casts
         if size == 1:
             return own
         slice_ = 2 * kvn / waves
@@ -132,10 +135,15 @@ def attention_buffers(shape: ModelShape, run: RunShape, lay: Layout, tokens: flo
     return staging + ring(inner, ring_waves if inner > 1 else 1) + qn * act
 
 
-def mlp_backward_bytes(shape: ModelShape, lay: Layout, tokens: float, act: int) -> float:
-    """Gradients of one MLP's activations alive at once (d fc2-in, d fc1-out), one GPU."""
+def layer_backward_extra(shape: ModelShape, lay: Layout, tokens: float, act: int, attn: float) -> float:
+    """Bytes a layer's backward adds on top of its saved activations, one GPU. The MLP's
+    backward runs first: its output grad and d fc2-in [f] on top of everything saved.
+    The attention's backward runs after the MLP's saved tensors (5f SwiGLU, 2f GELU) are
+    freed, so its buffers ``attn`` count only beyond those."""
     f = shape.ffn_hidden_size
-    return tokens * (f + (2 * f if shape.swiglu else f)) / lay.tp * act
+    mlp_saved = tokens * (5 * f if shape.swiglu else 2 * f) / lay.tp * act
+    mlp_first = tokens * f / lay.tp * act + tokens * shape.hidden_size * act
+    return max(mlp_first, attn - mlp_saved)
 
 
 def in_flight(run: RunShape, lay: Layout) -> float:
@@ -182,15 +190,16 @@ def _stage(shape, run, lay, first, last, ring_waves, reserve_gib) -> MemoryEstim
     kept = tokens * shape.hidden_size / _sp(run, lay) * act if lay.recompute else full_layer
     flights = in_flight(run, lay) if first else 1.0
     parts["activations saved"] = kept * layers * flights
-    if last:  # final norm input and output (the output layer's SP-split input)
-        parts["activations saved"] += 2 * tokens * shape.hidden_size / _sp(run, lay) * act
+    if last:  # final norm input (and normalised input, unfused) and output (the output layer's input)
+        copies = 2 if shape.layernorm or run.fused_rms_norm else 3
+        parts["activations saved"] += copies * tokens * shape.hidden_size / _sp(run, lay) * act
     logits = tokens * shape.vocab_size / lay.tp * (4 + (act if act < 4 else 0)) if last else 0.0
     parts["logits + loss (fp32 copy)"] = logits
     attn = attention_buffers(shape, run, lay, tokens, act, ring_waves)
-    mlp = mlp_backward_bytes(shape, lay, tokens, act)
+    extra = layer_backward_extra(shape, lay, tokens, act, attn)
     sp_gather = tokens * shape.hidden_size * act if lay.tp > 1 and run.sequence_parallel else 0.0  # SP all-gathered GEMM input
     parts["recomputed layer (backward)"] = full_layer if lay.recompute else 0.0
-    parts[f"layer backward temporaries ({lay.cp_comm_type} attention)"] = max(attn, mlp) + sp_gather
+    parts[f"layer backward temporaries ({lay.cp_comm_type} attention)"] = extra + sp_gather
     static = parts["weights"] + parts["grads (fp32 buffer)"] + sum(v for k, v in parts.items() if k.startswith("optim"))
     layer_moment = parts["recomputed layer (backward)"] + parts[f"layer backward temporaries ({lay.cp_comm_type} attention)"]
     moment = "loss" if logits >= layer_moment else "last-layer backward"
