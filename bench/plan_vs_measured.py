@@ -127,6 +127,11 @@ def _worker(rank, world_size, case: Case, optimizer: bool):
     return {"peak_bytes": peak}
 
 
+def measure(case: Case, optimizer: bool) -> float:
+    """Peak tensor bytes of the fullest rank of ``case``'s second iteration."""
+    return max(r["peak_bytes"] for r in spawn_ranks(_worker, case.world, (case, optimizer), timeout_s=300))
+
+
 def predicted(case: Case, optimizer: bool) -> float:
     from megatron_ext.attention.ring import kv_waves
     from megatron_ext.plan.layouts import Layout, RunShape
@@ -151,8 +156,7 @@ def main(argv=None):
     chosen = [c for c in CASES if c.name in args.layouts.split(",")]
     rows, report = [], {}
     for case in chosen:
-        res = spawn_ranks(_worker, case.world, (case, not args.no_optimizer), timeout_s=300)
-        measured = max(r["peak_bytes"] for r in res)
+        measured = measure(case, not args.no_optimizer)
         pred = predicted(case, not args.no_optimizer)
         err = pred / measured - 1
         rows.append([case.name, case.tp, case.pp, case.cp, case.comm, case.dist_opt, case.recompute,

@@ -143,3 +143,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, says, capsys):
     assert plan_main(["--config", PAPER["pretrain"]] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
+
+
+@pytest.mark.parametrize("name", ["cp1", "cp2", "cp4", "tp2", "cp2-recompute"])
+def test_memory_model_within_15_percent_of_measured(name):
+    """Peak tensor memory of megatron-core's GPTModel + DDP (fp32 grad buffer) on gloo ranks,
+    from the torch profiler's memory events, against the planner's prediction."""
+    from bench.plan_vs_measured import CASES, measure, predicted
+
+    case = next(c for c in CASES if c.name == name)
+    got, want = measure(case, optimizer=False), predicted(case, optimizer=False)
+    assert abs(want / got - 1) <= 0.15, (name, want / 2 ** 20, got / 2 ** 20)

@@ -91,7 +91,8 @@ def plan(shape: ModelShape, run: RunShape, gpus: int, gpus_per_node: int, hw: Ha
         raise PlanError(f"no valid layout for {gpus} GPUs: TP must divide the heads and groups, PP the layers, "
                         f"2 x CP the seq_length {run.seq_length}, and micro-batch x DP the global batch "
                         f"{run.global_batch_size}")
-    return sorted(evals, key=lambda e: (not e.fits, -e.time["tokens_per_s_per_gpu"], e.gib))
+    # throughput to 3 significant figures (the model is not finer than that), then less memory
+    return sorted(evals, key=lambda e: (not e.fits, -float(f"{e.time['tokens_per_s_per_gpu']:.3g}"), e.gib))
 
 
 def best_line(ev: Evaluation) -> str:
