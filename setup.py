@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ext*", "data_tools*", "launch*"]),
     install_requires=[
-        "torch>=2.4",
+        # 2.9: torchrun --signals-to-handle (launch/slurm/train.sbatch); megatron-core 0.16 needs >= 2.6
+        "torch>=2.9",
         "megatron-core>=0.16,<0.20",
         "sentencepiece>=0.2",
         "wandb>=0.17",

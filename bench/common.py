@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
 from typing import Callable, Dict, List, Sequence
 
@@ -14,8 +13,9 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 
 def synced_time(fn: Callable[[], object], reps: int, barrier: Callable[[], None] = lambda: None) -> float:
-    """Median wall seconds of ``fn`` over ``reps`` runs after one warm-up, each run
-    started together on every rank (``barrier``)."""
+    """Minimum wall seconds of ``fn`` over ``reps`` runs after one warm-up, each run
+    started together on every rank (``barrier``). The minimum, because this
+    machine is shared: other work only ever adds time."""
     fn()
     times = []
     for _ in range(reps):
@@ -23,7 +23,7 @@ def synced_time(fn: Callable[[], object], reps: int, barrier: Callable[[], None]
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def print_table(title: str, headers: Sequence[str], rows: List[Sequence[object]]) -> None:

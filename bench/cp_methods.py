@@ -1,9 +1,9 @@
 """Ring, all-gather, Ulysses and hybrid side by side at P=4 on CPU gloo.
 
-    python -m bench.cp_methods [--n 16384] [--reps 2]
+    python -m bench.cp_methods [--n 16384] [--reps 5]
 
 Causal, fp32, h=8 over h_kv=2, d=64, zigzag, one thread per rank. Per method:
-fwd+bwd wall time (max over ranks, median of reps), peak RSS growth per rank
+fwd+bwd wall time (max over ranks, min over reps), peak RSS growth per rank
 during one fwd+bwd, bytes sent per rank (counted by the sending code) with the
 analytic model beside it, and the efficiency T_full / (P * T), where T_full is
 the CPU flash kernel fwd+bwd on the full sequence in one process, one thread
@@ -73,7 +73,7 @@ def full_time(n, reps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=16384, help="global sequence length")
-    ap.add_argument("--reps", type=int, default=2, help="timed repetitions after one warm-up (median)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up (min)")
     args = ap.parse_args(argv)
     t_full = full_time(args.n, args.reps)
     results = spawn_ranks(methods_worker, P, (args.n, args.reps), timeout_s=3600)

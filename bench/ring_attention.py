@@ -1,17 +1,29 @@
 """Ring / all-gather CP attention on CPU gloo: efficiency, load balance, memory, 200K.
 
-    python -m bench.ring_attention [--sections efficiency,balance,memory,200k] [--quick]
+    python -m bench.ring_attention [--sections efficiency,waves,balance,memory,200k] [--heads 2,4] [--quick]
 
 Every figure is measured side by side in this one run and written to
-bench/results/ring_attention.json. Definitions:
+bench/results/ring_attention.json. Every time is the minimum over --reps runs
+(after one warm-up), each started together on every rank, max over ranks.
+Definitions:
 
-* efficiency  T_full / (P * T_cp), fwd and fwd+bwd, causal, N=16384, P=2, h=4, d=64,
-              fp32, one thread per rank; T_full is the CPU flash kernel on the full
-              sequence in one process with one thread. Target >= 0.90 (fwd+bwd).
+* efficiency  T_full / (P * T_cp), causal, N=16384, P=2, d=64, fp32, one thread
+              per rank, for each h of --heads (h_kv = h). T_full is the CPU flash
+              kernel on the full sequence in one process with one thread.
+              "fwd" is a forward with grad enabled (the training forward);
+              "fwd no grad" is a forward-only call (prefill), beside torch's
+              private ring `_templated_ring_attention` (no grad, zigzag load
+              balance on, the same shards and kernel). The last row is
+              T_torch / T_ours(no grad): >= 1 means our prefill is at least as
+              fast. Targets: fwd+bwd >= 0.95, T_torch / T_ours >= 1.
+* waves       fwd+bwd efficiency (as above) of the ring at kv_chunks = 1, 2, 4, 8,
+              16 and at its default, for each h of --heads, beside the modeled
+              backward peak of each wave count (ratio*P at P=4, MHA, see memory):
+              the trade-off between the waves' fixed costs and memory.
 * balance     max/min over ranks of block-kernel CPU time (fwd+bwd), causal, P=4,
               zigzag vs contiguous. Target zigzag <= 1.05.
 * memory      peak RSS growth per rank during fwd+bwd (inputs, outputs, grads and
-              buffers) at N=65536, P=4, vs one process on the full sequence;
+              buffers) at N=65536, P=4, h=4, vs one process on the full sequence;
               the ring at its default kv_chunks (16 here) and at 1 (whole blocks).
               Target <= 1.3/P. Run with MALLOC_MMAP_THRESHOLD_=131072 (as `make
               bench` does) so RSS tracks live tensors, not glibc's retained heap.
@@ -32,7 +44,7 @@ from bench.common import print_table, synced_time, write_json
 from megatron_ext.attention import allgather_attention, ring_attention
 from megatron_ext.attention.blocks import CpuFlashKernel
 from megatron_ext.attention.reference import reference_rows
-from megatron_ext.attention.ring import kv_waves
+from megatron_ext.attention.ring import auto_waves, ring_memory_model as library_model
 from megatron_ext.attention.stats import record_cp_stats
 from megatron_ext.distributed import spawn_ranks
 from megatron_ext.sysinfo import peak_rss_bytes as peak_rss, reset_peak_rss
@@ -80,9 +92,17 @@ def efficiency_worker(rank, world_size, n, h, d, reps):
     for name, fn in METHODS.items():
         res[name] = (synced_time(lambda: fn(q, k, v), reps, dist.barrier),
                      synced_time(lambda: fn(q, k, v).backward(dout), reps, dist.barrier))
-    with torch.no_grad():
-        res["torch_templated"] = (synced_time(lambda: _torch_templated_forward(q, k, v), reps, dist.barrier), None)
+    with torch.no_grad():  # forward-only calls: prefill, ours beside torch's
+        res["ring, no grad"] = (synced_time(lambda: ring_attention(q, k, v), reps, dist.barrier), None)
+        res["torch_templated, no grad"] = (synced_time(lambda: _torch_templated_forward(q, k, v), reps,
+                                                       dist.barrier), None)
     return res
+
+
+def waves_worker(rank, world_size, n, h, d, reps, chunks):
+    q, k, v, dout = _local_inputs(n // world_size, h, d, rank)
+    return {c: synced_time(lambda: ring_attention(q, k, v, kv_chunks=c).backward(dout), reps, dist.barrier)
+            for c in chunks}
 
 
 def balance_worker(rank, world_size, n, h, d):
@@ -136,19 +156,46 @@ def long_worker(rank, world_size, n, h, d, n_rows):
 
 
 def run_efficiency(args, report):
-    n, h, d, p = (4096 if args.quick else 16384), 4, 64, 2
-    t_fwd, t_fb = full_times(n, h, d, args.reps)
-    res = spawn_ranks(efficiency_worker, p, (n, h, d, args.reps), timeout_s=1800)
-    rows, out = [["full (1 proc)", t_fwd, t_fb, 1.0, 1.0]], {}
-    for name in (*METHODS, "torch_templated"):
-        f = max(r[name][0] for r in res)
-        fb = None if res[0][name][1] is None else max(r[name][1] for r in res)
-        eff = (t_fwd / (p * f), None if fb is None else t_fb / (p * fb))
-        rows.append([name, f, fb if fb is not None else "-", eff[0], eff[1] if eff[1] is not None else "n/a"])
-        out[name] = {"t_fwd_s": f, "t_fwd_bwd_s": fb, "eff_fwd": eff[0], "eff_fwd_bwd": eff[1]}
-    print_table(f"CPU efficiency T_full/(P*T), causal, N={n}, P={p}, h={h}, d={d}, fp32, 1 thread/rank (target fwd+bwd >= 0.90)",
-                ["method", "T fwd s", "T fwd+bwd s", "eff fwd", "eff fwd+bwd"], rows)
-    report["efficiency"] = {"n": n, "p": p, "h": h, "d": d, "t_full_fwd_s": t_fwd, "t_full_fwd_bwd_s": t_fb, **out}
+    n, d, p = (4096 if args.quick else 16384), 64, 2
+    report["efficiency"] = {"n": n, "p": p, "d": d}
+    for h in args.heads:
+        t_fwd, t_fb = full_times(n, h, d, args.reps)
+        res = spawn_ranks(efficiency_worker, p, (n, h, d, args.reps), timeout_s=1800)
+        rows, out = [["full (1 proc)", t_fwd, t_fb, 1.0, 1.0]], {}
+        for name in res[0]:
+            f = max(r[name][0] for r in res)
+            fb = None if res[0][name][1] is None else max(r[name][1] for r in res)
+            eff = (t_fwd / (p * f), None if fb is None else t_fb / (p * fb))
+            rows.append([name, f, "-" if fb is None else fb, eff[0], "-" if fb is None else eff[1]])
+            out[name] = {"t_fwd_s": f, "t_fwd_bwd_s": fb, "eff_fwd": eff[0], "eff_fwd_bwd": eff[1]}
+        speed = out["torch_templated, no grad"]["t_fwd_s"] / out["ring, no grad"]["t_fwd_s"]
+        rows.append(["T_torch / T_ring (no grad)", "-", "-", speed, "-"])
+        print_table(f"CPU efficiency T_full/(P*T), causal, N={n}, P={p}, h={h}, d={d}, fp32, 1 thread/rank, "
+                    f"min of {args.reps} (targets: fwd+bwd >= 0.95; T_torch / T_ring >= 1)",
+                    ["method", "T fwd s", "T fwd+bwd s", "eff fwd", "eff fwd+bwd"], rows)
+        report["efficiency"][f"h={h}"] = {"t_full_fwd_s": t_fwd, "t_full_fwd_bwd_s": t_fb,
+                                          "torch_over_ring_no_grad": speed, **out}
+
+
+def run_waves(args, report):
+    n, d, p = (4096 if args.quick else 16384), 64, 2
+    chunks = (1, 2, 4, 8, 16, None)
+    report["waves"] = {"n": n, "p": p, "d": d}
+    for h in args.heads:
+        t_fb = full_times(n, h, d, args.reps)[1]
+        res = spawn_ranks(waves_worker, p, (n, h, d, args.reps, chunks), timeout_s=1800)
+        rows, out = [], {}
+        for c in chunks:
+            t = max(r[c] for r in res)
+            waves = c if c is not None else auto_waves("cpu", "backward", n // p, h, h, d, 4, "zigzag")
+            mem = ring_memory_model(waves)["total (ratio*P = total / 8)"] / 8
+            name = f"default ({waves})" if c is None else str(c)
+            rows.append([name, t, t_fb / (p * t), mem])
+            out[name] = {"t_fwd_bwd_s": t, "eff_fwd_bwd": t_fb / (p * t), "modeled_ratio_times_p": mem}
+        print_table(f"Waves trade-off: ring fwd+bwd, causal, N={n}, P={p}, h={h}, d={d}, min of {args.reps}; "
+                    f"modeled backward peak ratio*P (MHA, fp32)",
+                    ["kv_chunks", "T fwd+bwd s", "eff fwd+bwd", "modeled ratio*P"], rows)
+        report["waves"][f"h={h}"] = out
 
 
 def run_balance(args, report):
@@ -176,7 +223,7 @@ def run_memory(args, report):
     print_table(f"Peak memory growth per rank, fwd+bwd, causal, N={n}, P={p}, h={h}, d={d} (target ratio*P <= 1.3)",
                 ["method", "peak MiB", "ratio vs full", "ratio*P"], rows)
     unit = n // p * h * d * 4
-    chunks = (kv_waves(n // p, "zigzag", None), *RING_VARIANTS)
+    chunks = (auto_waves("cpu", "backward", n // p, h, h, d, 4, "zigzag"), *RING_VARIANTS)
     models = {c: ring_memory_model(c) for c in chunks}
     measured = [out["ring"]["per_rank_bytes"]] + [out[f"ring kv_chunks={c}"]["per_rank_bytes"] for c in RING_VARIANTS]
     table = [[part] + [models[c][part] for c in chunks] for part in models[chunks[0]]]
@@ -189,13 +236,9 @@ def run_memory(args, report):
 
 
 def ring_memory_model(kv_chunks: int) -> dict:
-    """Where the ring's backward peak goes (MHA, fp32, zigzag, a foreign step), in units
-    of one rank's q. A slice (k and v, one wave) is 2U / kv_chunks."""
-    kv_slice = 2.0 / kv_chunks
-    parts = {"q, k, v, dout, out, dq, dk, dv (as in the full process)": 8.0,
-             "K/V slices: computed on, arriving, own one starting the next wave": 3 * kv_slice,
-             "dK/dV slice accumulators: being built, sent, arriving": 3 * kv_slice,
-             "kernel temporaries: dQ of half the queries, dK/dV of a slice": 0.5 + kv_slice}
+    """The ring's backward peak (MHA, fp32, zigzag, a foreign hop) by part, in units U of
+    one rank's q: the library's model (megatron_ext.attention.ring) plus q, k, v."""
+    parts = {"q, k, v": 3.0, **{name: b / 4 for name, b in library_model("backward", kv_chunks, 1, 2, 4).items()}}
     parts["total (ratio*P = total / 8)"] = sum(parts.values())
     return parts
 
@@ -215,13 +258,15 @@ def run_200k(args, report):
                            "rows_checked": checked, "max_err": err}
 
 
-SECTIONS = {"efficiency": run_efficiency, "balance": run_balance, "memory": run_memory, "200k": run_200k}
+SECTIONS = {"efficiency": run_efficiency, "waves": run_waves, "balance": run_balance, "memory": run_memory, "200k": run_200k}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of " + ", ".join(SECTIONS))
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median)")
+    ap.add_argument("--heads", default="2,4", type=lambda x: [int(h) for h in x.split(",")],
+                    help="comma list of head counts for efficiency and waves (h_kv = h)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up (minimum)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     args = ap.parse_args(argv)
     report = {}

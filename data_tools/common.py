@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Iterator, List, Sequence, Tuple
 
+from .tokenizing import Tokenizer, load_tokenizer  # noqa: F401  (the one place tools get a tokenizer)
+
 
 class DataError(Exception):
     """Bad input, with its place: ``FILE:LINE: reason``."""
@@ -55,20 +57,6 @@ def iter_texts(paths: Sequence[str], key: str = "text") -> Iterator[Tuple[int, s
             doc += 1
 
 
-def load_tokenizer(path: str):
-    """A sentencepiece processor, with a clear error for a missing or broken model."""
-    import sentencepiece as spm
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: tokenizer model not found (train one with python -m data_tools.tokenizer train)")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(path)
-    except (OSError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a sentencepiece model ({e})") from e
-    return sp
-
-
 def atomic_write(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp name and rename."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -103,12 +91,32 @@ class JsonlWriter:
             os.remove(self.tmp)
 
 
+class _Silent:
+    """The progress bar off a terminal: no tqdm import (it costs ~20 ms of start-up)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
 def progress(total=None, unit="doc", desc="", unit_scale=False):
     """A tqdm bar on a terminal (stderr), silent otherwise."""
+    if not sys.stderr.isatty():
+        return _Silent()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit=unit, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True,
-                unit_scale=unit_scale)
+    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, unit_scale=unit_scale)
 
 
 def parse_int_list(text: str) -> List[int]:

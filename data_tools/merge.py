@@ -34,6 +34,8 @@ def merge(inputs, output_prefix: str) -> dict:
             with open(prefix + ".bin", "rb") as f:
                 shutil.copyfileobj(f, out, 16 << 20)
     lengths = np.concatenate([ix.lengths for ix in indexes]) if indexes else np.zeros(0, np.int32)
+    if os.path.exists(output_prefix + ".idx"):  # never leave the new .bin beside an old .idx
+        os.remove(output_prefix + ".idx")
     os.replace(tmp, output_prefix + ".bin")
     atomic_write(output_prefix + ".idx", index_bytes(dtypes.pop(), lengths))
     return {"documents": len(lengths), "tokens": int(lengths.astype(np.int64).sum())}

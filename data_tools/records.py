@@ -41,17 +41,27 @@ def _text(obj: dict, key: str) -> str:
 
 
 def _load(raw: bytes) -> dict:
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRecord("invalid UTF-8", f"byte {e.start}") from None
-    try:
-        obj = _fast_json.loads(line) if _fast_json else json.loads(line)
-    except ValueError as e:
-        raise BadRecord("invalid JSON", str(e)) from None
+    if _fast_json:  # orjson checks UTF-8 itself: decode only to name the error
+        try:
+            obj = _fast_json.loads(raw)
+        except ValueError as e:
+            _decode(raw)
+            raise BadRecord("invalid JSON", str(e)) from None
+    else:
+        try:
+            obj = json.loads(_decode(raw))
+        except ValueError as e:
+            raise BadRecord("invalid JSON", str(e)) from None
     if not isinstance(obj, dict):
         raise BadRecord("not a JSON object", type(obj).__name__)
     return obj
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecord("invalid UTF-8", f"byte {e.start}") from None
 
 
 def document_segments(raw: bytes, keys: Sequence[str]) -> List[str]:
@@ -59,7 +69,7 @@ def document_segments(raw: bytes, keys: Sequence[str]) -> List[str]:
     obj = _load(raw)
     texts = [_text(obj, k) for k in keys]
     for k, t in zip(keys, texts):
-        if not t.strip():
+        if not t or t.isspace():
             raise BadRecord("empty text", repr(k))
     return texts
 

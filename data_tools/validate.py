@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_tools.validate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prefix", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
-    ap.add_argument("--tokenizer-model", help="also check ids against this vocabulary")
+    ap.add_argument("--tokenizer-model", help="also check ids against this vocabulary: PATH.model (sentencepiece) or hf:DIR (a Hugging Face tokenizer.json)")
     args = ap.parse_args(argv)
     try:
         vocab = load_tokenizer(args.tokenizer_model).vocab_size() if args.tokenizer_model else None

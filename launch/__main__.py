@@ -22,6 +22,14 @@ from data_tools.common import atomic_write
 from .render import JobSpec, TEMPLATES, render
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad flags get one line on stderr and exit code 2 (not argparse's usage block)."""
+
+    def error(self, message):
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _add_common(p: argparse.ArgumentParser, template_choice: bool) -> None:
     if template_choice:
         p.add_argument("--template", required=True, choices=sorted(TEMPLATES))
@@ -49,7 +57,7 @@ def _spec(args, template: str) -> JobSpec:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launch", description=__doc__,
+    ap = _OneLineParser(prog="python -m launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("render", help="write a job file")

@@ -68,6 +68,22 @@ def _safe_name(text: str, k8s: bool = False) -> str:
     return name
 
 
+SLURM_TIME = r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}"  # MM, MM:SS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS
+
+
+def check_numbers(spec: JobSpec) -> None:
+    """Every count is a positive integer (max_restarts: >= 0) and the time limit is SLURM's format."""
+    counts = [("--nodes", spec.nodes, 1), ("--gpus-per-node", spec.gpus_per_node, 1),
+              ("--nproc-per-node", spec.nproc_per_node, 1), ("max_restarts", spec.max_restarts, 0)]
+    for flag, value, least in counts:
+        if flag == "--nproc-per-node" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
+    if not re.fullmatch(SLURM_TIME, spec.time):
+        raise ValueError(f"--time {spec.time!r} is not a SLURM time limit (MM, HH:MM:SS, D-HH or D-HH:MM:SS)")
+
+
 def check_layout(spec: JobSpec) -> dict:
     """TP x CP x PP x DP must equal nodes x nproc_per_node; seq_length % (2 x CP) == 0."""
     from megatron_ext.train.config import load_config, validate
@@ -76,6 +92,7 @@ def check_layout(spec: JobSpec) -> dict:
         raise ValueError(f"unknown template {spec.template!r}; expected one of {sorted(TEMPLATES)}")
     if spec.device not in ("cuda", "cpu"):
         raise ValueError(f"device must be cuda or cpu, got {spec.device!r}")
+    check_numbers(spec)
     world = spec.nodes * (spec.nproc_per_node or spec.gpus_per_node)
     cfg = load_config(spec.config, spec.sets)
     return validate(cfg, world)
@@ -93,7 +110,7 @@ def render(spec: JobSpec) -> str:
         "nproc_per_node": nproc, "config_q": q(spec.config), "repo_q": q(spec.repo), "python_q": q(spec.python),
         "log_dir": _safe_path(spec.log_dir), "log_dir_q": q(spec.log_dir),
         "extra_args": " ".join(q(a) for s in spec.sets for a in ("--set", s)),
-        "time_limit": _checked(spec.time, r"[0-9:-]+", "time"),
+        "time_limit": spec.time,  # check_numbers checked its format
         "cpus_per_task": max(1, nproc * (4 if spec.device == "cuda" else 1)),
         "gpu_directive": f"#SBATCH --gpus-per-node={spec.gpus_per_node}\n" if spec.device == "cuda" else "",
         "partition_directive": f"#SBATCH --partition={_checked(spec.partition, r'[A-Za-z0-9_,-]+', 'partition')}\n"

@@ -1,7 +1,8 @@
 """``make demo``: the whole LongSkywork pipeline, small, on this machine's CPUs.
 
 1. CP attention exactness on 4 gloo ranks (float64 reference).
-2. A real corpus (Debian changelogs from /usr/share/doc) -> sentencepiece tokenizer.
+2. A real corpus (Debian changelogs from /usr/share/doc; where an image has fewer than
+   50, Python's own standard-library docs and docstrings) -> sentencepiece tokenizer.
 3. CIP pretraining samples and SynL SFT samples -> Megatron indexed binaries.
 4. The three stages (pretrain with RoPE ABF, sft, long_sft) with CP=2 ring
    attention x DP=2 on 4 gloo processes, each stage starting from the last.
@@ -13,12 +14,14 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import glob
 import gzip
 import json
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 
 from data_tools.common import atomic_write
@@ -39,14 +42,49 @@ def sh(*args, quiet=False) -> str:
     return res.stdout
 
 
-def corpus(path: str, max_docs: int = 400, max_chars: int = 30_000) -> int:
-    files = sorted(glob.glob("/usr/share/doc/*/changelog*.gz"))
-    if len(files) < 50:
-        raise SystemExit("demo: needs Debian's /usr/share/doc/*/changelog*.gz (found fewer than 50 files)")
-    with open(path, "w") as out:
-        for f in files[:max_docs]:
-            out.write(json.dumps({"text": gzip.open(f, "rt", errors="replace").read()[:max_chars]}) + "\n")
-    return min(len(files), max_docs)
+CHANGELOGS = "/usr/share/doc/*/changelog*.gz"
+
+
+def python_docs(min_chars: int = 2000):
+    """Texts always present with Python: each stdlib module's docstrings joined (the
+    modules with at least ``min_chars``), then the reference topics of ``pydoc_data``."""
+    import pydoc_data.topics
+
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"test", "site-packages", "dist-packages", "idlelib", "lib2to3", "tkinter"}
+    files = sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "*", "*.py")))
+    for f in files:
+        if os.path.basename(os.path.dirname(f)) in skip:
+            continue
+        try:
+            tree = ast.parse(open(f, encoding="utf-8", errors="replace").read())
+        except (SyntaxError, ValueError):
+            continue
+        nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        text = "\n\n".join(d for d in (ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, nodes)) if d)
+        if len(text) >= min_chars:
+            yield text
+    yield from (pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+
+
+def corpus(path: str, max_docs: int = 400, max_chars: int = 30_000) -> str:
+    """Write the demo corpus (JSONL) to ``path``; returns what it holds, e.g. '400 Debian changelogs'."""
+    files = sorted(glob.glob(CHANGELOGS))
+    if len(files) >= 50:
+        texts, what = (gzip.open(f, "rt", errors="replace").read() for f in files[:max_docs]), "Debian changelogs"
+    else:
+        print(f"demo: {len(files)} changelogs under /usr/share/doc (fewer than 50, e.g. a slim image); "
+              f"using Python's standard-library docstrings and reference docs as the corpus")
+        texts, what = python_docs(), "Python stdlib docs"
+    n = 0
+    with open(path + ".tmp", "w") as out:
+        for text in texts:
+            out.write(json.dumps({"text": text[:max_chars]}) + "\n")
+            n += 1
+            if n == max_docs:
+                break
+    os.replace(path + ".tmp", path)
+    return f"{n} {what}"
 
 
 def torchrun(config: str, nproc: int, sets) -> str:
@@ -135,7 +173,8 @@ def main(argv=None) -> int:
     if not args.skip_exactness:
         print("1. CP attention exactness (4 gloo ranks, float64 reference)")
         subprocess.run([sys.executable, "-m", "megatron_ext.attention.demo", "--seq-len", "1024"], check=True)
-    print(f"2. corpus: {corpus(f'{ROOT}/docs.jsonl')} Debian changelogs -> {ROOT}/docs.jsonl; tokenizer")
+    print("2. corpus and tokenizer")
+    print(f"   {corpus(f'{ROOT}/docs.jsonl')} -> {ROOT}/docs.jsonl")
     sh("data_tools.tokenizer", "train", "--input", f"{ROOT}/docs.jsonl", "--vocab-size", "4000", "--output-prefix", f"{ROOT}/tok")
     print("3. CIP and SynL data -> indexed binaries")
     tok = f"{ROOT}/tok.model"

@@ -54,7 +54,7 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
         init_file = os.path.join(tmp, "rendezvous")
         procs = [
             ctx.Process(target=_rank_main, args=(fn, r, world_size, init_file, tmp, tuple(args),
-                                                threads_per_rank, timeout_s), daemon=True)
+                                                threads_per_rank, timeout_s), daemon=False)  # ranks may start helpers (dist_checkpointing does)
             for r in range(world_size)
         ]
         for p in procs:

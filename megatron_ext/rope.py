@@ -14,8 +14,9 @@ Methods, chosen by :class:`RopeConfig.scaling`:
 Why not megatron-core's embedding as is: it multiplies fp32 positions by fp32
 frequencies, so at position 2e5 an angle is off by up to ~1e-2 rad. Here angles
 are formed in fp64 and reduced mod 2*pi before the fp32 cast, so cos/sin are
-fp32-exact at any length. :class:`LongContextRotaryEmbedding` is a drop-in for
-``GPTModel.rotary_pos_emb`` and keeps megatron-core's zigzag CP slicing.
+fp32-exact at any length. This module is pure math (no megatron-core import);
+the mcore module over it, ``megatron_ext.megatron.rope.LongContextRotaryEmbedding``,
+is a drop-in for ``GPTModel.rotary_pos_emb``.
 """
 from __future__ import annotations
 
@@ -23,9 +24,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-from . import megatron as _quiet_megatron_imports  # noqa: F401  (filters mcore's missing-extras notices)
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding  # noqa: E402
 
 SCALINGS = ("none", "abf", "linear", "ntk", "yarn")
 
@@ -65,13 +63,26 @@ def inv_frequencies(dim: int, cfg: RopeConfig) -> torch.Tensor:
         return (cfg.base * cfg.factor ** (dim / (dim - 2))) ** -exponents
     inv = cfg.base ** -exponents
     if cfg.scaling == "yarn":
-        from megatron.core.models.common.embeddings import yarn_rotary_pos_embedding as yarn
-
-        low, high = yarn._yarn_find_correction_range(cfg.yarn_beta_fast, cfg.yarn_beta_slow, dim, cfg.base,
-                                                     cfg.original_max_position)
-        keep = 1.0 - yarn._yarn_linear_ramp_mask(low, high, dim // 2, device="cpu").double()
+        keep = yarn_keep_mask(dim, cfg)
         inv = inv / cfg.factor * (1 - keep) + inv * keep
     return inv
+
+
+def yarn_keep_mask(dim: int, cfg: RopeConfig) -> torch.Tensor:
+    """YaRN's NTK-by-parts ramp, float64 [dim / 2]: 1 keeps a frequency, 0 interpolates it.
+
+    The same formula and float32 ramp as megatron-core's yarn_rotary_pos_embedding (a
+    test checks equality); written here because this layer never imports megatron-core.
+    """
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(cfg.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(cfg.base))
+
+    low = max(math.floor(correction_dim(cfg.yarn_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.yarn_beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return 1.0 - ramp.double()
 
 
 def rope_angles(positions: torch.Tensor, dim: int, cfg: RopeConfig) -> torch.Tensor:
@@ -101,21 +112,3 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig) -> tor
     x1, x2 = x.float()[..., : d // 2], x.float()[..., d // 2:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
-
-class LongContextRotaryEmbedding(RotaryEmbedding):
-    """megatron-core's RotaryEmbedding with :func:`rope_angles` as its frequencies.
-
-    Same interface (``forward(max_seq_len, offset, packed_seq, cp_group)`` -> emb
-    [s_local, 1, 1, d]), so it replaces ``GPTModel.rotary_pos_emb``; the zigzag CP
-    slicing stays megatron-core's.
-    """
-
-    def __init__(self, kv_channels: int, rope: RopeConfig, rotary_percent: float = 1.0, cp_group=None):
-        super().__init__(kv_channels, rotary_percent, rotary_base=int(rope.base), use_cpu_initialization=True,
-                         cp_group=cp_group)
-        self.rope = rope
-        self.rotary_dim = int(kv_channels * rotary_percent)
-
-    def get_freqs_non_repeated(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
-        positions = torch.arange(offset, offset + max_seq_len, dtype=torch.long)
-        return rope_angles(positions, self.rotary_dim, self.rope).to(self.inv_freq.device)

@@ -1,23 +1,3 @@
-"""Process memory readings shared by the tools, the trainer and the benchmarks (Linux)."""
-from __future__ import annotations
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS (VmHWM). Unlike ``ru_maxrss`` it does not carry the
-    peak of a parent that forked this process before exec."""
-    return _status_bytes("VmHWM")
-
-
-def reset_peak_rss() -> int:
-    """Reset the peak RSS (clear_refs) and return the current RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_bytes("VmRSS")
+"""Process memory readings for the trainer and the benchmarks: the one implementation
+lives in the bottom layer (``data_tools.sysinfo``), which the data tools use too."""
+from data_tools.sysinfo import peak_rss_bytes, reset_peak_rss  # noqa: F401

@@ -5,6 +5,8 @@ The reference is one rank, CP = TP = 1, with megatron-core's own local attention
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -15,7 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.megatron.batch import cp_masked_loss, get_batch_on_this_cp_rank, reduce_gradients
+from megatron_ext.megatron.batch import cp_masked_loss, get_batch_on_this_cp_rank
 from megatron_ext.megatron.cpu import enable_cpu_runtime
 from megatron_ext.megatron.model import build_gpt_model
 from megatron_ext.rope import RopeConfig
@@ -25,7 +27,9 @@ SEQ, BATCH, VOCAB = 256, 2, 128
 
 
 def build_model(tp: int, cp: int, cp_comm_type, spec: str = "cp", rope: RopeConfig = None) -> GPTModel:
-    """spec "cp": our attention and RoPE; "mcore": megatron-core's local layers and RotaryEmbedding."""
+    """spec "cp": our attention and RoPE; "mcore": megatron-core's local layers and RotaryEmbedding;
+    "megatron-lm": Megatron-LM's ``--spec megatron_ext.megatron.specs gpt_layer_cp_spec`` route (the
+    attribute itself goes to GPTModel, with megatron-core's RotaryEmbedding)."""
     config = TransformerConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
         use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
@@ -33,8 +37,10 @@ def build_model(tp: int, cp: int, cp_comm_type, spec: str = "cp", rope: RopeConf
         calculate_per_token_loss=True,  # mcore DDP then sums grads over DP x CP, as cp_masked_loss needs
     )
     torch.manual_seed(1234)  # same full weights for every TP/CP layout (CPU init splits a master copy)
-    if spec == "mcore":
-        return GPTModel(config, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
+    if spec in ("mcore", "megatron-lm"):
+        layer_spec = (get_gpt_layer_local_spec() if spec == "mcore" else
+                      getattr(importlib.import_module("megatron_ext.megatron.specs"), "gpt_layer_cp_spec"))
+        return GPTModel(config, layer_spec, vocab_size=VOCAB, max_sequence_length=SEQ,
                         position_embedding_type="rope", rotary_base=int((rope or RopeConfig()).base))
     return build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, rope=rope)
 
@@ -66,7 +72,7 @@ def full_grads(model, tp_group) -> dict:
 
 def run_step(model, batch, ddp: bool = False) -> dict:
     """One forward/backward; gradients summed over DP x CP by megatron-core's DDP
-    (``ddp``) or by :func:`reduce_gradients`."""
+    (``ddp``) or, for a bare model, by one all-reduce per gradient here."""
     cp_group = parallel_state.get_context_parallel_group()
     local = get_batch_on_this_cp_rank(batch, cp_group)
     dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
@@ -78,8 +84,10 @@ def run_step(model, batch, ddp: bool = False) -> dict:
     if ddp:
         model.finish_grad_sync()
         model = model.module
-    else:
-        reduce_gradients(model.parameters(), dp_cp)
+    elif dp_cp.size() > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=dp_cp)
     cp_rank, cp_size = cp_group.rank(), cp_group.size()
     return {"per_token": per_token.detach(), "positions": position_ids(SEQ, cp_rank, cp_size),
             "loss": reported.item(), "count": count.item(),

@@ -45,6 +45,45 @@ def test_misuse_raises_on_every_rank(method):
         assert report["still_usable"]
 
 
+def check_count_worker(rank, world_size):
+    """All-reduces (the shape check's collective) seen over repeated ring calls."""
+    import os
+
+    import torch.distributed as dist
+
+    calls = []
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.device.type)
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    import megatron_ext.distributed as md
+
+    placed, real_device = [], md.collective_device
+    md.collective_device = lambda group=None: placed.append(group) or real_device(group)  # noqa: E731
+    counts = {}
+    x = torch.randn(1, 8, 4, 16, requires_grad=True)
+    for _ in range(3):
+        METHODS["ring"](x, x, x).sum().backward()
+    counts["three_identical"] = len(calls)
+    METHODS["ring"](x[:, :4], x[:, :4], x[:, :4])
+    counts["new_shape"] = len(calls)
+    os.environ["MEGATRON_EXT_SKIP_SHAPE_CHECK"] = "1"
+    METHODS["ring"](x[:, :6], x[:, :6], x[:, :6])
+    counts["skipped"] = len(calls)
+    counts["devices"] = sorted(set(calls))
+    counts["placed_by_helper"] = len(placed)
+    return counts
+
+
+def test_shape_check_runs_once_per_signature():
+    for counts in spawn_ranks(check_count_worker, 2, timeout_s=60):
+        assert counts == {"three_identical": 1, "new_shape": 2, "skipped": 2, "devices": ["cpu"],
+                          "placed_by_helper": 2}
+
+
 def test_single_process_without_distributed():
     q = torch.randn(1, 8, 4, 16)
     out = METHODS["ring"](q, q, q)

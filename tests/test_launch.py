@@ -69,6 +69,30 @@ def test_layout_errors_before_writing(args, text, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["render", "submit"])
+@pytest.mark.parametrize("flags,text", [
+    (["--nodes", "0"], "--nodes must be an integer >= 1, got 0"),
+    (["--nodes", "-2"], "--nodes must be an integer >= 1, got -2"),
+    (["--gpus-per-node", "0"], "--gpus-per-node must be an integer >= 1, got 0"),
+    (["--nproc-per-node", "0"], "--nproc-per-node must be an integer >= 1, got 0"),
+    (["--nodes", "two"], "argument --nodes: invalid int value: 'two'"),
+    (["--gpus-per-node", "1.5"], "argument --gpus-per-node: invalid int value: '1.5'"),
+    (["--time", "1:2:3:4"], "is not a SLURM time limit"),
+])
+def test_bad_numeric_flags_give_one_line_and_exit_2(command, flags, text, capsys):
+    from launch.__main__ import main
+
+    args = ([command] + (["--template", "slurm"] if command == "render" else []) +
+            ["--config", TINY, "--device", "cpu", "--gpus-per-node", "2"] + flags + (["--dry-run"] if command == "submit" else []))
+    try:
+        rc = main(args)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and text in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
 def test_hostile_values_stay_inert(tmp_path):
     for template in ("slurm", "hostfile"):
         text = render("--template", template, "--config", TINY, "--nodes", "1", "--gpus-per-node", "2", "--device",
@@ -103,3 +127,15 @@ def test_torchrun_sh_runs_a_2_process_cpu_job(data, tmp_path):
     res = subprocess.run([os.path.join(REPO, "launch/torchrun.sh"), "--set", "bogus=1"], capture_output=True,
                          text=True, env=env, timeout=120, cwd=tmp_path)
     assert res.returncode != 0  # the trainer's status comes back
+
+
+def test_setup_torch_floor_covers_what_the_launch_scripts_use():
+    import ast
+    import re
+
+    tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
+    reqs = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    floor = [tuple(map(int, m.groups())) for r in reqs for m in [re.fullmatch(r"torch>=(\d+)\.(\d+)", r)] if m]
+    sbatch = open(os.path.join(REPO, "launch/slurm/train.sbatch")).read()
+    assert "--signals-to-handle" in sbatch
+    assert floor and floor[0] >= (2, 9), f"torchrun --signals-to-handle needs torch >= 2.9; setup.py allows {floor}"

@@ -60,6 +60,12 @@ def test_gpt_parity_with_megatron_reference(tp, cp, comm_types):
         assert_matches(reference(), [r[comm_type] for r in results])
 
 
+def test_megatron_lm_spec_route_at_cp2():
+    # Megatron-LM: import_module(("megatron_ext.megatron.specs", "gpt_layer_cp_spec")) -> GPTModel.
+    results = spawn_ranks(gpt_worker, 2, (1, 2, ["p2p"], "megatron-lm"), timeout_s=60)
+    assert_matches(reference(), [r["p2p"] for r in results])
+
+
 def test_megatron_ddp_reduces_over_dp_and_cp():
     # 4 ranks as DP = 2 x CP = 2: megatron-core's DDP sums the gradients over DP x CP on gloo.
     results = spawn_ranks(gpt_worker, 4, (1, 2, ["p2p"], "cp", None, None, None, None, True), timeout_s=60)

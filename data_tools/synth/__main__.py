@@ -79,7 +79,7 @@ def build_parser():
     for name in ("cip", "synl", "needle"):
         p = sub.add_parser(name)
         p.add_argument("--output", required=True)
-        p.add_argument("--tokenizer-model", required=True)
+        p.add_argument("--tokenizer-model", required=True, help="PATH.model (sentencepiece) or hf:DIR (a Hugging Face tokenizer.json)")
         p.add_argument("--seed", type=int, default=0)
     cip, synl, needle = (sub.choices[n] for n in ("cip", "synl", "needle"))
     cip.add_argument("--input", nargs="+", required=True, help="JSONL source documents")

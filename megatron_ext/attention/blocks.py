@@ -10,17 +10,28 @@ blocks), so the per-block gradients it returns sum to the exact gradients.
 Kernels are chosen per device:
 
 * CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``.
-* CUDA: torch's flash SDPA op for fp16/bf16 (flash-attn's private API changes
-  between releases, so we call torch's copy of the same FA2 kernels).
-* anything else: :class:`MathKernel`, plain torch, also the test aid.
+* CUDA fp16/bf16: torch's flash SDPA op (flash-attn's private API changes between
+  releases, so we call torch's copy of the same FA2 kernels); GQA native, K/V never
+  repeated.
+* CUDA fp32: torch's memory-efficient op (``aten._efficient_attention_forward`` /
+  ``_efficient_attention_backward``, the pair behind SDPA's efficient backend), which
+  takes fp32 and returns an LSE; it has no GQA, so K/V heads are repeated per block.
+* anything else: :class:`DenseFallbackKernel`, plain torch, refused above a small size
+  (it builds the whole score matrix). :class:`MathKernel` is also the test aid.
+
+The two CUDA kernels are UNTESTED ON GPU (no GPU in CI): they are written against the
+op schemas of torch 2.13, and CPU tests check their argument plumbing through fake ops.
 """
 from __future__ import annotations
 
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 
 Tensor = torch.Tensor
+_aten = torch.ops.aten  # one handle, so CPU tests can stand in for the CUDA-only ops
+MAX_DENSE_SCORES = 1 << 24  # b*h*sq*sk the dense fallback may build (128 MiB at fp64)
 
 
 class MathKernel:
@@ -89,45 +100,107 @@ class CpuFlashKernel:
         return t(dq), t(dk), t(dv)
 
 
+def _expand(x: Tensor, groups: int) -> Tensor:
+    """[b, s, h_kv, d] -> [b, s, h_kv * groups, d], each K/V head once per query head."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
+def _fold(dx: Tensor, groups: int) -> Tensor:
+    """Gradient of :func:`_expand`: [b, s, h, d] -> [b, s, h // groups, d]."""
+    if groups == 1:
+        return dx
+    b, s, h, d = dx.shape
+    return dx.reshape(b, s, h // groups, groups, d).sum(3)
+
+
 class CudaFlashKernel:
-    """torch's CUDA flash SDPA op (FA2) for fp16/bf16. Not exercised on CPU CI."""
+    """torch's CUDA flash SDPA op (FA2) for fp16/bf16. Untested on GPU.
+
+    FA2 takes K/V with fewer heads (h % h_kv == 0) and returns dk, dv with h_kv heads,
+    so GQA never repeats K/V here."""
 
     name = "cuda_flash"
 
     @staticmethod
-    def _expand(x: Tensor, groups: int) -> Tensor:
-        return x if groups == 1 else x.repeat_interleave(groups, dim=2)
-
-    @classmethod
-    def forward(cls, q, k, v, causal: bool, scale: float):
-        g = q.shape[2] // k.shape[2]
-        res = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.transpose(1, 2), cls._expand(k, g).transpose(1, 2), cls._expand(v, g).transpose(1, 2),
-            0.0, causal, False, scale=scale,
-        )
+    def forward(q, k, v, causal: bool, scale: float):
+        res = _aten._scaled_dot_product_flash_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False, scale=scale)
         return res[0].transpose(1, 2), res[1]
+
+    @staticmethod
+    def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        empty = torch.empty(0, device=q.device, dtype=torch.int64)
+        dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
+            t(dout), t(q), t(k), t(v), t(out), lse.contiguous(),
+            empty, empty, q.shape[1], k.shape[1], 0.0, causal, empty, empty, scale=scale,
+        )
+        return t(dq), t(dk), t(dv)
+
+
+class CudaEfficientKernel:
+    """torch's CUDA memory-efficient attention for fp32 (no [sq, sk] matrix). Untested on GPU.
+
+    The ops work in bshd ("BMHK") directly. Their LSE is [b, h, sq rounded up to 32];
+    the forward returns the first sq columns, and the backward pads the global LSE back.
+    The kernel has no GQA: K/V heads are repeated per block and dk, dv folded back."""
+
+    name = "cuda_efficient"
+    LSE_ALIGN = 32  # the kernel's LSE row padding (kAlignLSE)
+
+    @staticmethod
+    def forward(q, k, v, causal: bool, scale: float):
+        g = q.shape[2] // k.shape[2]
+        res = _aten._efficient_attention_forward(
+            q, _expand(k, g), _expand(v, g), None, None, None, None, None, 0.0, int(causal), True, scale=scale)
+        return res[0], res[1][..., : q.shape[1]].contiguous()  # mask type 1 = causal from top left
 
     @classmethod
     def backward(cls, dout, q, k, v, out, lse, causal: bool, scale: float):
-        g = q.shape[2] // k.shape[2]
-        t = lambda x: x.transpose(1, 2)  # noqa: E731
-        empty = torch.empty(0, device=q.device, dtype=torch.int64)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            t(dout), t(q), t(cls._expand(k, g)), t(cls._expand(v, g)), t(out), lse,
-            empty, empty, q.shape[1], k.shape[1], 0.0, causal, empty, empty, scale=scale,
-        )
-        dk, dv = t(dk), t(dv)
-        if g > 1:
-            b, s, h, d = dk.shape
-            dk = dk.reshape(b, s, h // g, g, d).sum(3)
-            dv = dv.reshape(b, s, h // g, g, d).sum(3)
-        return t(dq), dk, dv
+        g, sq = q.shape[2] // k.shape[2], q.shape[1]
+        lse = F.pad(lse.float(), (0, -sq % cls.LSE_ALIGN)).contiguous()
+        no_dropout = torch.zeros((), dtype=torch.int64)  # philox seed/offset: unread at dropout 0
+        dq, dk, dv, _ = _aten._efficient_attention_backward(
+            dout, q, _expand(k, g), _expand(v, g), None, out.to(q.dtype), None, None, sq, k.shape[1], lse, 0.0,
+            no_dropout, no_dropout, int(causal), False, scale=scale)
+        return dq, _fold(dk, g), _fold(dv, g)
+
+
+class DenseFallbackKernel(MathKernel):
+    """:class:`MathKernel` as the automatic choice where no memory-efficient kernel
+    exists: it refuses blocks above :data:`MAX_DENSE_SCORES` score entries instead of
+    running out of memory (a 24K-token fp32 block with 36 heads would need ~87 GB)."""
+
+    name = "dense_fallback"
+
+    @staticmethod
+    def _check(q: Tensor, k: Tensor) -> None:
+        b, sq, h, _ = q.shape
+        n = b * h * sq * k.shape[1]
+        if n > MAX_DENSE_SCORES:
+            raise ValueError(
+                f"no memory-efficient attention kernel for {q.dtype} on {q.device.type}: the dense fallback would "
+                f"build a [b={b}, h={h}, sq={sq}, sk={k.shape[1]}] score matrix ({n * 8 / 2**30:.1f} GiB at fp64), "
+                f"above its limit of {MAX_DENSE_SCORES} entries; use fp16/bf16/fp32 on CUDA, or run on CPU")
+
+    @classmethod
+    def forward(cls, q, k, v, causal: bool, scale: float):
+        cls._check(q, k)
+        return super().forward(q, k, v, causal, scale)
+
+    @classmethod
+    def backward(cls, dout, q, k, v, out, lse, causal: bool, scale: float):
+        cls._check(q, k)
+        return super().backward(dout, q, k, v, out, lse, causal, scale)
 
 
 def select_kernel(device: torch.device, dtype: torch.dtype):
-    """The block kernel for tensors on ``device`` with ``dtype``."""
+    """The block kernel for tensors on ``device`` with ``dtype``; never the dense
+    math kernel without its size limit."""
     if device.type == "cpu":
         return CpuFlashKernel
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         return CudaFlashKernel
-    return MathKernel
+    if device.type == "cuda" and dtype == torch.float32:
+        return CudaEfficientKernel
+    return DenseFallbackKernel

@@ -9,10 +9,12 @@ P-1 hops round the ring. A rank holds a few slices at a time, never a whole
 foreign block, so the extra memory is O(block / kv_chunks). The next slice is
 in flight while the current one is computed (double buffer); in backward each
 slice's dK/dV accumulator follows it one hop behind and comes home after P-1 hops.
+The waves exist for the backward's memory: ``plan_waves`` picks their number per call
+(whole blocks for a forward-only call).
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -27,11 +29,19 @@ Tensor = torch.Tensor
 # One kernel call on a foreign slice: (rows of my q, rows of the packed slice).
 Call = Tuple[slice, slice]
 _ALL = slice(None)
-# kv_chunks=None: as many waves as keep pieces >= MIN_PIECE_ROWS, at most MAX_AUTO_CHUNKS.
-# Shorter pieces cost kernel efficiency (and balance); 16 waves hold the ring at 1.2/P of
-# the single-process peak at N=65536, P=4, MHA fp32 (bench.ring_attention).
+# kv_chunks=None, per call: a forward-only call (no grad) and any call on CUDA (until a GPU
+# benchmark says otherwise) send whole blocks. Otherwise the backward takes as many waves as
+# keep each piece worth its fixed costs (min_piece_rows), at most MAX_AUTO_CHUNKS, and the
+# forward the fewest waves whose peak stays below that backward's (ring_memory_model).
+# 16 waves hold the ring at 1.18/P of the single-process peak at N=65536, P=4, MHA fp32.
 MAX_AUTO_CHUNKS = 16
 MIN_PIECE_ROWS = 512
+# A slice (k and v of every segment) carries >= 1 MiB, so a P2P message's latency is small
+# beside its transfer; a kernel call on a piece does >= 2**30 multiply-adds (half my query
+# rows x piece rows x h x d), so its call, merge and accumulate costs are small beside its
+# work. bench.ring_attention --sections waves shows the trade-off (eff 0.96 at 2**29).
+MIN_SLICE_BYTES = 1 << 20
+MIN_CALL_WORK = 1 << 30
 
 
 def foreign_calls(rank: int, source: int, s_local: int, piece: int, causal: bool, layout: str) -> List[Call]:
@@ -54,23 +64,74 @@ def foreign_calls(rank: int, source: int, s_local: int, piece: int, causal: bool
     return [(slice(half, None), _ALL)]
 
 
-def kv_waves(s_local: int, layout: str, kv_chunks: Optional[int]) -> int:
-    """How many waves a block of ``s_local`` rows travels in for ``kv_chunks`` (None: automatic)."""
+def kv_waves(s_local: int, layout: str, kv_chunks: Optional[int], min_rows: int = MIN_PIECE_ROWS) -> int:
+    """How many waves a block of ``s_local`` rows travels in for ``kv_chunks`` (None: as
+    many as keep pieces of a segment >= ``min_rows``, at most MAX_AUTO_CHUNKS)."""
     seg_len = s_local // (2 if layout == "zigzag" else 1)
     if kv_chunks is None:
-        kv_chunks = min(MAX_AUTO_CHUNKS, seg_len // MIN_PIECE_ROWS)
+        kv_chunks = min(MAX_AUTO_CHUNKS, seg_len // max(1, min_rows))
     return max(1, min(kv_chunks, seg_len))
+
+
+def min_piece_rows(s_local: int, h: int, h_kv: int, d: int, itemsize: int, layout: str) -> int:
+    """Fewest rows of a segment's piece whose slice carries >= MIN_SLICE_BYTES (k and v
+    [rows, h_kv, d] of every segment) and whose kernel call does >= MIN_CALL_WORK
+    (s_local / 2 query rows x rows x h x d): the waves' fixed costs then stay small."""
+    segments = 2 if layout == "zigzag" else 1
+    by_bytes = -(-MIN_SLICE_BYTES // (2 * segments * h_kv * d * itemsize))
+    by_work = -(-MIN_CALL_WORK // (max(1, s_local // 2) * h * d))
+    return max(1, by_bytes, by_work)
+
+
+def ring_memory_model(phase: str, waves: int, q_numel: int, kv_numel: int, itemsize: int) -> Dict[str, float]:
+    """Bytes a rank holds at the ring's peak in ``phase`` beyond its q, k, v (zigzag, a
+    foreign hop), by part. q_numel: elements of q; kv_numel: of k and v together; inputs
+    of ``itemsize`` bytes, accumulators fp32 (fp64 for fp64)."""
+    acc = max(4, itemsize)
+    q_in, kv_in, q_acc, kv_acc = q_numel * itemsize, kv_numel * itemsize, q_numel * acc, kv_numel * acc
+    slices = {"K/V slices: computed on, arriving, own one starting the next wave": 3 * kv_in / waves}
+    if phase == "forward":
+        return {"out accumulator": q_acc, **slices, "kernel output of half the queries": q_in / 2}
+    return {"out and dout, held through the backward": 2 * q_in, "dq, dk, dv accumulators": q_acc + kv_acc,
+            **slices, "dK/dV slice accumulators: being built, sent, arriving": 3 * kv_acc / waves,
+            "kernel temporaries: dQ of half the queries, dK/dV of a slice": q_in / 2 + kv_in / waves}
+
+
+def plan_waves(q: Tensor, k: Tensor, layout: str, kv_chunks: Optional[int], phase: str) -> int:
+    """Waves of one call on q: [b, s, h, d], k: [b, s, h_kv, d]: an explicit ``kv_chunks``
+    is kept, None is decided per call by :func:`auto_waves`."""
+    if kv_chunks is not None:
+        return kv_waves(q.shape[1], layout, kv_chunks)
+    _, s_local, h, d = q.shape
+    return auto_waves(q.device.type, phase, s_local, h, k.shape[2], d, k.element_size(), layout)
+
+
+def auto_waves(device_type: str, phase: str, s_local: int, h: int, h_kv: int, d: int, itemsize: int,
+               layout: str) -> int:
+    """The automatic wave count. ``phase``: "backward", "forward" (a backward follows) or
+    "forward_only" (no grad). Whole blocks on CUDA (until a GPU benchmark says otherwise)
+    and for forward-only calls; on CPU the backward takes as many waves as keep pieces
+    >= :func:`min_piece_rows` (at most MAX_AUTO_CHUNKS), the forward the fewest waves
+    whose modeled peak stays below that backward's."""
+    if phase == "forward_only" or device_type == "cuda":
+        return 1
+    bwd = kv_waves(s_local, layout, None, min_piece_rows(s_local, h, h_kv, d, itemsize, layout))
+    if phase == "backward":
+        return bwd
+    sizes = (s_local * h * d, 2 * s_local * h_kv * d, itemsize)  # b cancels out
+    budget = sum(ring_memory_model("backward", bwd, *sizes).values())
+    return next(w for w in range(1, bwd + 1)
+                if sum(ring_memory_model("forward", kv_waves(s_local, layout, w), *sizes).values()) <= budget)
 
 
 class _Ring:
     """Per-call state: the group, its comm, and how a K/V block is cut into slices."""
 
-    def __init__(self, group, s_local: int, layout: str, kv_chunks: Optional[int]):
+    def __init__(self, group, s_local: int, layout: str, waves: int):
         self.rank, self.world_size = rank_and_size(group)
         self.comm = RingComm(group) if self.world_size > 1 else None
         self.segments = 2 if layout == "zigzag" else 1
         seg_len = s_local // self.segments
-        waves = kv_waves(s_local, layout, kv_chunks)
         # piece w of every segment; pieces differ by at most one row
         self.pieces = [(seg_len * w // waves, seg_len * (w + 1) // waves) for w in range(waves)]
         self.seg_len, self.s_local, self.layout = seg_len, s_local, layout
@@ -85,8 +146,11 @@ class _Ring:
         return [(slice(seg * self.seg_len + lo, seg * self.seg_len + hi), slice(seg * n, (seg + 1) * n))
                 for seg in range(self.segments)]
 
-    def pack(self, k: Tensor, v: Tensor, wave: int) -> Tensor:
-        """Slice ``wave`` of k, v [b, s, h_kv, d] -> one buffer [2, b, segments * piece, h_kv, d]."""
+    def pack(self, k: Tensor, v: Tensor, wave: int):
+        """Slice ``wave`` of k, v [b, s, h_kv, d] -> one buffer [2, b, segments * piece, h_kv, d];
+        whole blocks travel as they are, [k, v], with no copy."""
+        if len(self.pieces) == 1:
+            return [k.contiguous(), v.contiguous()]
         lo, hi = self.pieces[wave]
         buf = k.new_empty((2, k.shape[0], self.segments * (hi - lo)) + tuple(k.shape[2:]))
         for block_rows, slice_rows in self._spans(wave):
@@ -104,8 +168,9 @@ class _Ring:
         lo, hi = self.pieces[wave]
         return foreign_calls(self.rank, source, self.s_local, hi - lo, causal, self.layout)
 
-    def kv_stream(self, k: Tensor, v: Tensor, phase: str) -> Iterator[Tuple[int, int, int, Tensor]]:
-        """Yield (wave, hop in wave 1..P-1, source rank, packed slice) for every foreign slice.
+    def kv_stream(self, k: Tensor, v: Tensor, phase: str) -> Iterator[Tuple[int, int, int, object]]:
+        """Yield (wave, hop in wave 1..P-1, source rank, slice) for every foreign slice; a
+        slice is a [2, b, rows, h_kv, d] buffer, or [k, v] for whole blocks.
 
         The first hop is posted at once, so the caller's diagonal block overlaps it;
         hop h+1 is posted before slice h is handed out, so it overlaps slice h's compute.
@@ -123,20 +188,25 @@ class _Ring:
             step += 1
             works, recv = pending
             wait_all(works)
+            del works, pending  # the slice just sent goes back now (the caller drops its own)
             if hop + 1 < self.hops():  # forward this slice on, or start the next wave with my own
                 pending = self.post(recv if step < p - 1 else self.pack(k, v, wave + 1), phase)
             yield wave, step, (self.rank - step) % p, recv
 
-    def post(self, send: Tensor, phase: str, tag: int = TAG_KV):
-        """Send ``send`` to the next rank, receive its like from the previous: (works, receive buffer)."""
-        recv = torch.empty_like(send)
-        return self.comm.exchange([send], [recv], tag, phase), recv
+    def post(self, send, phase: str, tag: int = TAG_KV):
+        """Send ``send`` (a tensor, or a list of them) to the next rank, receive its like from
+        the previous: (works, receive buffer of the same kind)."""
+        sends = send if isinstance(send, list) else [send]
+        recvs = [torch.empty_like(t) for t in sends]
+        return self.comm.exchange(sends, recvs, tag, phase), (recvs if isinstance(send, list) else recvs[0])
 
 
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, scale: float, layout: str,
-                 kv_chunks: Optional[int] = None):
-    """q: [b, s, h, d], k/v: [b, s, h_kv, d] -> out [b, s, h, d] (q dtype), lse [b, h, s] fp32."""
-    ring = _Ring(group, q.shape[1], layout, kv_chunks)
+                 kv_chunks: Optional[int] = None, grad: bool = True):
+    """q: [b, s, h, d], k/v: [b, s, h_kv, d] -> out [b, s, h, d] (q dtype), lse [b, h, s] fp32.
+    ``grad``: a backward follows (else the call is forward-only and sends whole blocks)."""
+    waves = plan_waves(q, k, layout, kv_chunks, "forward" if grad else "forward_only")
+    ring = _Ring(group, q.shape[1], layout, waves)
     kernel = select_kernel(q.device, q.dtype)
     acc = accumulator_dtype(q.dtype)
     stream = ring.kv_stream(k, v, "forward")
@@ -148,13 +218,14 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, scale: fl
             with timed_compute("forward"):
                 o_blk, l_blk = kernel.forward(q[:, qs], kv[0][:, ks], kv[1][:, ks], False, scale)
             merge_into(out[:, qs], lse[:, :, qs], o_blk, l_blk)
+        del kv  # before the stream posts the next hop: at most 3 slices live
     return out.to(q.dtype), lse
 
 
 def ring_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: float, layout: str,
-                  kv_chunks: Optional[int] = None):
+                  kv_chunks: Optional[int] = None, grad: bool = True):
     """Gradients of :func:`ring_forward`; dq/dk/dv accumulate in fp32, return in input dtype."""
-    ring = _Ring(group, q.shape[1], layout, kv_chunks)
+    ring = _Ring(group, q.shape[1], layout, plan_waves(q, k, layout, kv_chunks, "backward"))
     kernel = select_kernel(q.device, q.dtype)
     acc = accumulator_dtype(q.dtype)
     stream = ring.kv_stream(k, v, "backward")
@@ -162,7 +233,7 @@ def ring_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: f
         dq, dk, dv = (t.to(acc) for t in kernel.backward(dout, q, k, v, out, lse, causal, scale))
     relay = None  # the dK/dV hop in flight: (works, accumulator arriving)
     for wave, step, source, kv in stream:
-        grads = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        grads = torch.zeros((2,) + tuple(kv[0].shape), dtype=acc, device=q.device)
         for qs, ks in ring.calls(source, wave, causal):
             with timed_compute("backward"):
                 g_q, g_k, g_v = kernel.backward(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
@@ -171,12 +242,16 @@ def ring_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, scale: f
             grads[0][:, ks] += g_k
             grads[1][:, ks] += g_v
             del g_q, g_k, g_v
+        del kv  # before the stream posts the next hop: at most 3 slices live
         if relay is not None:
-            wait_all(relay[0])
+            works, arrived = relay
+            wait_all(works)
+            del works, relay  # the accumulator sent goes back before the next is posted
             if step == 1:  # the previous wave's accumulator of my own slice is home
-                ring.add_home(dk, dv, relay[1], wave - 1)
+                ring.add_home(dk, dv, arrived, wave - 1)
             else:  # the same slice's accumulator from the ranks before me
-                grads += relay[1]
+                grads += arrived
+            del arrived
         relay = ring.post(grads, "backward", TAG_DKV)
         del grads
     if relay is not None:
@@ -199,9 +274,13 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
     ``kv_chunks`` is how many waves a K/V block travels in (at most one per row of
     a zigzag half): the backward holds about 7 x (k + v) / kv_chunks in fp32 beyond
     the local tensors and their gradients, plus half of q. 1 sends whole blocks, as
-    ring-flash-attention does; None (default) picks up to 16, keeping pieces of a
-    zigzag half >= 512 rows.
+    ring-flash-attention does. None (default) decides per call: a forward-only call
+    (no grad) sends whole blocks, and so does every call on CUDA (until a GPU benchmark
+    says otherwise); on CPU the backward takes up to 16 waves while each piece carries
+    >= 1 MiB and gives the kernel >= 2**30 multiply-adds, and the forward the fewest
+    waves whose peak stays below the backward's.
     """
     if kv_chunks is not None and (not isinstance(kv_chunks, int) or isinstance(kv_chunks, bool) or kv_chunks < 1):
         raise ValueError(f"kv_chunks must be None or a positive int, got {kv_chunks!r}")
-    return apply_cp_attention(RingAttentionFunction, q, k, v, group, causal, softmax_scale, layout, kv_chunks)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return apply_cp_attention(RingAttentionFunction, q, k, v, group, causal, softmax_scale, layout, kv_chunks, grad)

@@ -3,14 +3,15 @@ sequence-sharded/all-heads to full-sequence/head-sharded, local attention,
 all-to-all back. With an inner ring group this is also the 2D hybrid (USP):
 the "local" attention is then a ring over the other factor of the CP group.
 
-Parts: head packing and all-to-all, forward, backward, ``autograd.Function``,
+Parts: all-to-all with packing, forward, backward, ``autograd.Function``,
 public wrapper. Four all-to-alls per layer: q/k/v and out forward, dout and
-dq/dk/dv backward.
+dq/dk/dv backward. Tensors are packed straight into the all-to-all's send buffer
+and unpacked straight out of its receive buffer (one copy each way).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -41,61 +42,86 @@ def _all_to_all(x: Tensor, group, phase: str) -> Tensor:
         return x
     out = torch.empty_like(x)
     count_sent(phase, [x], (world - 1) / world)
-    dist.all_to_all_single(out, x.contiguous(), group=group)
+    dist.all_to_all_single(out, x, group=group)
     return out
 
 
-def seq_to_heads(x: Tensor, degree: int, group, layout: str, phase: str) -> Tensor:
-    """x: [b, s, U*c, d] (my tokens, all head groups) -> [b, U*s, c, d] (the group's
-    tokens, my head group), ordered as one shard of the ``layout`` over the ring."""
-    b, s, hc, d = x.shape
-    c = hc // degree
-    y = _all_to_all(x.view(b, s, degree, c, d).permute(2, 0, 1, 3, 4).contiguous(), group, phase)
-    if layout == "zigzag":
-        # Rank u holds chunks (u, 2U-1-u): first chunks ascend with u, second chunks descend.
-        y = y.view(degree, b, 2, s // 2, c, d)
-        first, second = y[:, :, 0], y[:, :, 1].flip(0)
-        return torch.cat([first, second], dim=0).transpose(0, 1).reshape(b, degree * s, c, d)
-    return y.transpose(0, 1).reshape(b, degree * s, c, d)
+def _spans(s: int, degree: int, layout: str):
+    """For each rank u: (rows of u's block, rows of the group's sequence) pairs. zigzag:
+    rank u holds chunks (u, 2U-1-u), so first halves ascend with u, second halves descend."""
+    if layout != "zigzag":
+        return [[(slice(0, s), slice(u * s, (u + 1) * s))] for u in range(degree)]
+    half = s // 2
+    return [[(slice(0, half), slice(u * half, (u + 1) * half)),
+             (slice(half, s), slice((2 * degree - 1 - u) * half, (2 * degree - u) * half))] for u in range(degree)]
 
 
-def heads_to_seq(y: Tensor, degree: int, group, layout: str, phase: str) -> Tensor:
-    """Inverse of :func:`seq_to_heads`: [b, U*s, c, d] -> [b, s, U*c, d]."""
-    b, us, c, d = y.shape
+def seq_to_heads(parts: List[Tuple[Tensor, int]], degree: int, group, layout: str, phase: str) -> List[Tensor]:
+    """parts: (x [b, s, H, d], rep), my tokens and all heads -> [b, U*s, H*rep/U, d] each:
+    the group's tokens (ordered as one ``layout`` shard over the ring) of my head group,
+    where each head is used ``rep`` times (KV replication). Every part is copied once
+    into the all-to-all's send buffer [U, b, s, sum c, d] and once out of its receive
+    buffer: no staging copies."""
+    b, s, _, d = parts[0][0].shape
+    widths = [x.shape[2] * rep // degree for x, rep in parts]
+    send = parts[0][0].new_empty((degree, b, s, sum(widths), d))
+    off = 0
+    for (x, rep), c in zip(parts, widths):
+        if rep == 1:
+            send[:, :, :, off:off + c].copy_(x.view(b, s, degree, c, d).permute(2, 0, 1, 3, 4))
+        else:  # expanded head e is head e // rep
+            for e in range(degree * c):
+                send[e // c, :, :, off + e % c].copy_(x[:, :, e // rep])
+        off += c
+    recv = _all_to_all(send, group, phase)
+    del send
+    outs, off = [], 0
+    for c in widths:
+        y = recv.new_empty((b, degree * s, c, d))
+        for u, spans in enumerate(_spans(s, degree, layout)):
+            for mine, seq in spans:
+                y[:, seq].copy_(recv[u, :, mine, off:off + c])
+        outs.append(y)
+        off += c
+    return outs
+
+
+def heads_to_seq(parts: List[Optional[Tensor]], reps: List[int], degree: int, group, layout: str,
+                 phase: str) -> List[Tensor]:
+    """Inverse of :func:`seq_to_heads`: parts [b, U*s, c, d] -> [b, s, U*c/rep, d] each,
+    the gradients of replicated heads summed. Consumes ``parts`` (each entry is dropped
+    once copied into the send buffer, so its memory goes back early)."""
+    b, us, _, d = parts[0].shape
     s = us // degree
-    if layout == "zigzag":
-        halves = y.view(b, 2, degree, s // 2, c, d).transpose(0, 2)  # [U, 2, b, s/2, c, d]
-        blocks = torch.cat([halves[:, 0], halves[:, 1].flip(0)], dim=2)  # [U, b, s, c, d]
-    else:
-        blocks = y.view(b, degree, s, c, d).transpose(0, 1)
-    x = _all_to_all(blocks.contiguous(), group, phase)
-    return x.permute(1, 2, 0, 3, 4).reshape(b, s, degree * c, d)
-
-
-def _split_heads(x: Tensor, h_q: int, m: int):
-    return x[:, :, :h_q], x[:, :, h_q:h_q + m], x[:, :, h_q + m:]
-
-
-def _pack(q: Tensor, k: Tensor, v: Tensor, degree: int) -> Tensor:
-    """[b, s, h, d] + 2 x [b, s, U*m, d] -> [b, s, U*(h/U + 2m), d], grouped by destination rank."""
-    b, s, h, d = q.shape
-    parts = [t.reshape(b, s, degree, t.shape[2] // degree, d) for t in (q, k, v)]
-    return torch.cat(parts, dim=3).reshape(b, s, -1, d)
+    widths = [y.shape[2] for y in parts]
+    send = parts[0].new_empty((degree, b, s, sum(widths), d))
+    off = 0
+    for i, c in enumerate(widths):
+        for u, spans in enumerate(_spans(s, degree, layout)):
+            for mine, seq in spans:
+                send[u, :, mine, off:off + c].copy_(parts[i][:, seq])
+        parts[i] = None
+        off += c
+    recv = _all_to_all(send, group, phase)
+    del send
+    outs, off = [], 0
+    for c, rep in zip(widths, reps):
+        x = recv[:, :, :, off:off + c].permute(1, 2, 0, 3, 4).reshape(b, s, degree * c, d)  # one copy
+        if rep > 1:  # expanded head e is head e // rep: its replicas' gradients add up
+            x = x.view(b, s, -1, rep, d).sum(3)
+        outs.append(x)
+        off += c
+    return outs
 
 
 def ulysses_forward(q, k, v, ulysses_group, ring_group, causal: bool, scale: float, layout: str):
     """q: [b, s, h, d]; k, v: [b, s, h_kv, d] -> out [b, s, h, d] and the
     head-sharded tensors the backward needs."""
     _, degree = rank_and_size(ulysses_group)
-    h, h_kv = q.shape[2], k.shape[2]
-    rep = kv_replication(h, h_kv, degree)
-    k_e, v_e = (k, v) if rep == 1 else (k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2))
-    m = h_kv * rep // degree
-    x = seq_to_heads(_pack(q, k_e, v_e, degree), degree, ulysses_group, layout, "forward")
-    q_h, k_h, v_h = (t.contiguous() for t in _split_heads(x, h // degree, m))
-    del x
+    rep = kv_replication(q.shape[2], k.shape[2], degree)
+    q_h, k_h, v_h = seq_to_heads([(q, 1), (k, rep), (v, rep)], degree, ulysses_group, layout, "forward")
     out_h, lse = ring_forward(q_h, k_h, v_h, ring_group, causal, scale, layout)
-    out = heads_to_seq(out_h, degree, ulysses_group, layout, "forward")
+    out, = heads_to_seq([out_h], [1], degree, ulysses_group, layout, "forward")
     return out, (q_h, k_h, v_h, out_h, lse), rep
 
 
@@ -103,19 +129,10 @@ def ulysses_backward(dout, saved, rep: int, ulysses_group, ring_group, causal: b
     """Gradients of :func:`ulysses_forward` (dq [b, s, h, d], dk/dv [b, s, h_kv, d])."""
     q_h, k_h, v_h, out_h, lse = saved
     _, degree = rank_and_size(ulysses_group)
-    dout_h = seq_to_heads(dout, degree, ulysses_group, layout, "backward")
-    dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse, ring_group, causal, scale, layout)
+    dout_h, = seq_to_heads([(dout, 1)], degree, ulysses_group, layout, "backward")
+    grads = list(ring_backward(dout_h, q_h, k_h, v_h, out_h, lse, ring_group, causal, scale, layout))
     del dout_h
-    grads = heads_to_seq(torch.cat([dq_h, dk_h, dv_h], dim=2), degree, ulysses_group, layout, "backward")
-    b, s = grads.shape[:2]
-    hq, m = q_h.shape[2], k_h.shape[2]
-    grads = grads.view(b, s, degree, hq + 2 * m, -1)
-    dq, dk, dv = (grads[:, :, :, lo:hi].reshape(b, s, degree * (hi - lo), -1)
-                  for lo, hi in ((0, hq), (hq, hq + m), (hq + m, hq + 2 * m)))
-    if rep > 1:  # replicated KV heads: their gradients add up
-        dk = dk.view(b, s, -1, rep, dk.shape[-1]).sum(3)
-        dv = dv.view(b, s, -1, rep, dv.shape[-1]).sum(3)
-    return dq, dk, dv
+    return tuple(heads_to_seq(grads, [1, rep, rep], degree, ulysses_group, layout, "backward"))
 
 
 class UlyssesAttentionFunction(torch.autograd.Function):

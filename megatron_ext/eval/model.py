@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
-import yaml
 
 from ..rope import RopeConfig
 from ..train import checkpoint as ckpt
 from ..train.config import ParallelConfig, TrainConfig, config_from_dict
 
-EMBEDDING_KEY = "model.embedding.word_embeddings.weight"
 EXTENSIONS = ("linear", "ntk", "yarn")
 
 
@@ -38,27 +35,19 @@ class CheckpointInfo:
 
 def read_checkpoint(path: str) -> CheckpointInfo:
     """``path`` is a save_dir (newest complete step-N is used) or a step-N folder."""
-    import torch.distributed.checkpoint as dcp
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     step = ckpt.latest_checkpoint(path)
     if step is None:
         raise FileNotFoundError(f"checkpoint {path!r} holds no complete checkpoint (a step-N folder with a "
                                 f"{ckpt.MARKER} marker, as megatron_ext.train writes)")
-    state = {"config_yaml": "", "iteration": 0}
-    with warnings.catch_warnings():  # DCP notes that it loads without a process group: intended here
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=step)
-    meta = dcp.FileSystemReader(step).read_metadata().state_dict_metadata
-    if EMBEDDING_KEY not in meta:
-        raise ValueError(f"checkpoint {step}: no {EMBEDDING_KEY}; not a megatron_ext GPT checkpoint")
-    return CheckpointInfo(step, int(state["iteration"]), config_from_dict(yaml.safe_load(state["config_yaml"])),
-                          int(meta[EMBEDDING_KEY].size[0]))
+    common = ckpt.read_common(step)
+    return CheckpointInfo(step, int(common["iteration"]), config_from_dict(common["config"]),
+                          int(common["vocab_size"]))
 
 
 def check_tokenizer(tokenizer_model: str, info: CheckpointInfo):
-    """The sentencepiece processor, if its vocabulary fits the checkpoint's embedding."""
+    """The tokenizer (data_tools.common.load_tokenizer), if its vocabulary fits the checkpoint's embedding."""
     from data_tools.common import load_tokenizer
 
     sp = load_tokenizer(tokenizer_model)
@@ -109,7 +98,7 @@ def load_model(info: CheckpointInfo, cp_size: int, cp_comm_type: str = "p2p", ro
     """GPTModel in eval mode with the checkpoint's weights, for CP = ``cp_size`` over the
     whole world (TP = DP = 1). Initialises megatron-core's parallel_state. Returns
     (model, bf16)."""
-    from ..train.loop import build_model, init_model_parallel
+    from ..train.model import build_model, init_model_parallel
 
     cfg = info.config
     model_cfg = dataclasses.replace(cfg.model, rope=rope or cfg.model.rope)
@@ -118,5 +107,5 @@ def load_model(info: CheckpointInfo, cp_size: int, cp_comm_type: str = "p2p", ro
         parallel=ParallelConfig(context_parallel_size=cp_size, cp_comm_type=cp_comm_type))
     init_model_parallel(cfg)
     model, bf16 = build_model(cfg, info.vocab_size)
-    ckpt.load(info.path, model, weights_only=True)
+    ckpt.load(info.path, model)
     return model.eval(), bf16

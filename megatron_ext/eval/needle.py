@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="torchrun ... -m megatron_ext.eval.needle", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="save_dir (newest complete step) or a step-N folder")
-    ap.add_argument("--tokenizer-model", required=True, help="the sentencepiece model the checkpoint was trained with")
+    ap.add_argument("--tokenizer-model", required=True, help="the tokenizer the checkpoint was trained with: PATH.model (sentencepiece) or hf:DIR (a Hugging Face tokenizer.json)")
     ap.add_argument("--lengths", required=True, help="context lengths, e.g. 1k,2k,4k (k = 1000)")
     ap.add_argument("--depths", default="0:100:10", help="needle depths in %%: START:STOP:STEP (inclusive) or a list")
     ap.add_argument("--out", required=True, help="results folder (resumable)")

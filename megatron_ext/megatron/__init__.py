@@ -1,8 +1,15 @@
-"""Everything that touches megatron-core lives in this package."""
+"""Everything that touches megatron-core lives in this package.
+
+megatron-core announces at import that the optional GPU extras (Apex, TransformerEngine)
+are missing, which is expected on CPU. The megatron-core modules this package builds on
+are imported once here with exactly those notices silenced inside ``catch_warnings``, so
+no warning filter outlives this import (the process's filters are left as they were).
+"""
+import importlib
 import warnings
 
-# megatron-core announces at import that the optional GPU extras are missing (expected on
-# CPU), and TransformerConfig warns about its own default cuda_graph_scope; these exact
-# notices are silenced (nothing else is).
-warnings.filterwarnings("ignore", message=r".*(Apex is not installed|Transformer Engine and Apex are not installed).*")
-warnings.filterwarnings("ignore", message=r"full scope is deprecated\. Use empty cuda_graph_scope", category=UserWarning)
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r".*(Apex is not installed|Transformer Engine and Apex are not installed).*")
+    for _name in ("megatron.core.models.gpt.gpt_layer_specs", "megatron.core.models.gpt"):
+        importlib.import_module(_name)
+del _name

@@ -2,10 +2,10 @@
 the same number as one rank on the whole sequence.
 
 The loss is ``sum(masked token losses) / count(unmasked tokens)`` over the whole
-DP x CP group. Each rank backpropagates ``local_sum / global_count``, so the
-gradients must be *summed* (not averaged) over DP x CP; a rank whose tokens are
-all masked contributes 0 to both sums and never divides by its own zero count
-(the bug class of Megatron-LM #1764 and torchtitan #3280).
+DP x CP group. The gradients are *summed* (not averaged) over DP x CP and divided
+by the global count (megatron-core's ``calculate_per_token_loss``); a rank whose
+tokens are all masked contributes 0 to both sums and never divides by its own zero
+count (the bug class of Megatron-LM #1764 and torchtitan #3280).
 """
 from __future__ import annotations
 
@@ -38,13 +38,12 @@ def get_batch_on_this_cp_rank(batch: Dict[str, Optional[torch.Tensor]], cp_group
     return out
 
 
-def global_token_count(loss_masks, group) -> float:
-    """Unmasked tokens over ``group`` (DP x CP): loss_masks are this rank's [b, s_local]
-    shards (e.g. every micro-batch of one optimizer step)."""
-    count = torch.tensor([float(sum(m.sum() for m in loss_masks))], dtype=torch.float64)
-    if rank_and_size(group)[1] > 1:
-        dist.all_reduce(count, group=group)
-    return count.item()
+def masked_loss_sum(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's masked loss sum and unmasked-token count: per_token_loss, loss_mask
+    [b, s_local] -> (scalar sum in the loss dtype, scalar count). The one place a
+    token loss is masked; callers divide by a count reduced over DP x CP."""
+    mask = loss_mask.to(per_token_loss.dtype)
+    return (per_token_loss * mask).sum(), mask.sum()
 
 
 def cp_masked_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,23 +53,10 @@ def cp_masked_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, group)
     this rank, the global loss for logging, the global unmasked-token count).
     A global count of 0 gives loss 0, never NaN.
     """
-    mask = loss_mask.to(per_token_loss.dtype)
-    local_sum = (per_token_loss * mask).sum()
-    totals = torch.stack([local_sum.detach(), mask.sum()]).to(torch.float64)
+    local_sum, local_count = masked_loss_sum(per_token_loss, loss_mask)
+    totals = torch.stack([local_sum.detach(), local_count]).to(torch.float64)
     if rank_and_size(group)[1] > 1:
         dist.all_reduce(totals, group=group)
     count = totals[1].clamp(min=1.0)
     loss = local_sum / count.to(local_sum.dtype)
     return loss, (totals[0] / count).to(per_token_loss.dtype), totals[1]
-
-
-def reduce_gradients(parameters, group) -> None:
-    """Sum ``.grad`` over ``group`` (DP x CP) in one flat all-reduce, to pair with
-    :func:`cp_masked_loss`. For models not wrapped in megatron-core's DDP."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads or rank_and_size(group)[1] == 1:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)

@@ -25,7 +25,11 @@ _SINGLE_GROUP = {"p2p": ring_attention, "all_gather": allgather_attention, "a2a"
 def _cp_group(pg_collection):
     if pg_collection is not None and hasattr(pg_collection, "cp"):
         return pg_collection.cp
-    return parallel_state.get_context_parallel_group(check_initialized=False)
+    group = parallel_state.get_context_parallel_group(check_initialized=False)
+    if group is None:  # never fall back to the world group: that would shard over the wrong ranks
+        raise RuntimeError("ContextParallelAttention needs a CP group: initialise megatron.core.parallel_state "
+                           "(initialize_model_parallel(context_parallel_size=...)) or pass pg_collection.cp")
+    return group
 
 
 def _hierarchical_groups(pg_collection):

@@ -19,6 +19,22 @@ nothing.
 5. Activation recomputation (``CheckpointFunction``) saves and restores the
    "CUDA" RNG state around the recomputed forward; on CPU that is torch's CPU
    generator (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``).
+6. ``device='cuda'`` tensor factories and ``torch.cuda.synchronize`` in the
+   optimizer (``optimizer/optimizer.py:473,481,485,907,1141``,
+   ``clip_grads.py:90,103,115,174,207``, ``utils.py:1207``), the pipeline schedules
+   (``schedules.py:596,983,2138`` ``total_num_tokens``) and P2P
+   (``p2p_communication.py:190-202,242,313,321,398``), the distributed optimizer's
+   ``load_state_dict`` (``distrib_optimizer.py:791``), sequence parallelism's
+   reduce-scatter/all-gather buffers (``tensor_parallel/mappings.py:91,141,148,181,442``,
+   ``tensor_parallel/layers.py:261,552,597,607,873,899``) and dist_checkpointing's
+   savers (``filesystem_async.py:230``, ``state_dict_saver.py:204,252``): those
+   modules see a ``torch`` whose factories put ``cuda`` tensors on the CPU.
+7. ``Tensor.type()`` compared with ``'torch.cuda.*Tensor'`` strings while the
+   optimizers sort parameters by dtype (``distrib_optimizer.py:361,420,582``,
+   ``optimizer.py:671,690``, ``clip_grads.py:167``): inside exactly those
+   functions a CPU tensor reports the CUDA type name of its dtype.
+8. ``torch.autocast("cuda")`` in the schedules' ``forward_step``
+   (``schedules.py:418``, only with ``config.enable_autocast``) autocasts on the CPU.
 """
 from __future__ import annotations
 
@@ -46,7 +62,8 @@ def _target(module_name: str, attr: str):
 
 
 class _CpuCuda:
-    """``torch.cuda`` as seen by a patched module: only ``current_device`` differs."""
+    """``torch.cuda`` as seen by a patched module: the current device is the CPU and
+    device-wide synchronisation is a no-op (CPU ops are synchronous)."""
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -55,14 +72,48 @@ class _CpuCuda:
     def current_device():
         return "cpu"
 
+    @staticmethod
+    def synchronize(*args, **kwargs):
+        return None
+
+    @staticmethod
+    def empty_cache():
+        return None
+
+
+def _cpu_device(device):
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+def _on_cpu(factory):
+    def make(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return factory(*args, **kwargs)
+
+    return make
+
+
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like")
+
 
 class _CpuTorch(types.ModuleType):
-    """``torch`` as seen by a patched module: everything forwards, except ``cuda``."""
+    """``torch`` as seen by a patched module: everything forwards, except ``cuda``,
+    the tensor factories (``device='cuda'`` -> CPU) and ``autocast('cuda')``."""
 
     cuda = _CpuCuda()
 
     def __getattr__(self, name):
-        return getattr(torch, name)
+        value = getattr(torch, name)
+        return _on_cpu(value) if name in _FACTORIES else value
+
+    @staticmethod
+    def autocast(device_type, *args, **kwargs):
+        return torch.autocast(_cpu_device(device_type), *args, **kwargs)
 
 
 def _cpu_rng_tracker_class():
@@ -131,6 +182,66 @@ def _patch_current_device():
         _target(name, "torch").torch = _CpuTorch("torch")
 
 
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+                    torch.bfloat16: "torch.cuda.BFloat16Tensor"}
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """While active, ``Tensor.type()`` (no arguments) of a CPU float tensor returns
+    the CUDA type name its dtype would have; nothing else changes."""
+    original = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        if not args and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(fn):
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    wrapper.__wrapped__ = fn
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+def _patch_device_factories():
+    for name in ("megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.layers",
+                 "megatron.core.optimizer.optimizer",
+                 "megatron.core.optimizer.clip_grads",
+                 "megatron.core.optimizer.distrib_optimizer", "megatron.core.pipeline_parallel.schedules",
+                 "megatron.core.pipeline_parallel.p2p_communication",
+                 "megatron.core.dist_checkpointing.strategies.filesystem_async",
+                 "megatron.core.dist_checkpointing.strategies.state_dict_saver"):
+        _target(name, "torch").torch = _CpuTorch("torch")
+
+
+def _patch_type_names():
+    distrib = _target("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer")
+    optim = _target("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params")
+    clip = _target("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32")
+    cls = distrib.DistributedOptimizer
+    # a staticmethod/classmethod keeps its kind: wrap the function inside it
+    raw = cls.__dict__["_build_model_and_main_param_groups"]
+    kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
+    inner = raw.__func__ if kind else raw
+    cls._build_model_and_main_param_groups = kind(_with_cuda_type_names(inner)) if kind else _with_cuda_type_names(inner)
+    cls.__init__ = _with_cuda_type_names(cls.__init__)
+    optim.Float16OptimizerWithFloat16Params.__init__ = _with_cuda_type_names(
+        optim.Float16OptimizerWithFloat16Params.__init__)
+    wrapped = _with_cuda_type_names(clip.clip_grad_by_total_norm_fp32)
+    clip.clip_grad_by_total_norm_fp32 = optim.clip_grad_by_total_norm_fp32 = wrapped
+
+
 def _patch_causal_mask():
     fused = _target("megatron.core.fusions.fused_softmax", "get_default_causal_mask")
 
@@ -159,7 +270,7 @@ def enable_cpu_runtime() -> bool:
         return False
     if not _APPLIED:
         for patch in (_patch_rng_tracker, _patch_current_device, _patch_causal_mask, _patch_cp_rope_slicing,
-                      _patch_recompute_rng_state):
+                      _patch_recompute_rng_state, _patch_device_factories, _patch_type_names):
             patch()
         _APPLIED.append(True)
     return True

@@ -5,8 +5,9 @@ from typing import Optional
 
 from megatron.core.models.gpt import GPTModel
 
-from ..rope import LongContextRotaryEmbedding, RopeConfig, attention_scale_factor
-from .specs import get_gpt_layer_cp_spec
+from ..rope import RopeConfig, attention_scale_factor
+from .rope import LongContextRotaryEmbedding
+from .specs import get_gpt_block_cp_spec, get_gpt_layer_cp_spec
 
 
 def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, rope: Optional[RopeConfig] = None,
@@ -25,7 +26,9 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, rope: 
         if config.softmax_scale is None or abs(config.softmax_scale - want) > 1e-9 * want:
             raise ValueError(f"YaRN with factor {rope.factor} needs TransformerConfig.softmax_scale={want:.6g} "
                              f"(temperature {factor:.4f} / sqrt(kv_channels)); got {config.softmax_scale}")
-    model = GPTModel(config, layer_spec or get_gpt_layer_cp_spec(), vocab_size=vocab_size,
+    # a block spec, so that the final norm works under sequence parallelism too
+    block = get_gpt_block_cp_spec(config, layer_spec or get_gpt_layer_cp_spec(), vp_stage=gpt_kwargs.get("vp_stage"))
+    model = GPTModel(config, block, vocab_size=vocab_size,
                      max_sequence_length=max_sequence_length, position_embedding_type="rope",
                      rotary_base=int(rope.base), **gpt_kwargs)
     # GPTModel builds its rotary module in __init__ with no hook to choose the class; swap in ours,

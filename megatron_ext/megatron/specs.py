@@ -1,6 +1,8 @@
 """Layer specs that put :class:`ContextParallelAttention` into megatron-core's GPT layers.
 
-Megatron-LM: ``--spec megatron_ext.megatron.specs get_gpt_layer_cp_spec``.
+Megatron-LM: ``--spec megatron_ext.megatron.specs gpt_layer_cp_spec``. Megatron-LM's
+``import_module`` returns the named attribute itself and hands it to GPTModel as
+``transformer_layer_spec``, so that name must be a ModuleSpec, not a function.
 """
 from __future__ import annotations
 
@@ -10,15 +12,41 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .core_attention import ContextParallelAttention
+from .norm import SequenceParallelNorm
+
+
+def _sp_norms(submodules):
+    """``submodules`` with every ``WrappedTorchNorm`` (which refuses sequence parallelism)
+    replaced by :class:`SequenceParallelNorm`; other norms (apex, TE) support SP already."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    changes = {f.name: SequenceParallelNorm for f in dataclasses.fields(submodules)
+               if getattr(submodules, f.name) is WrappedTorchNorm}
+    return dataclasses.replace(submodules, **changes)
 
 
 def _with_core_attention(layer_spec: ModuleSpec) -> ModuleSpec:
-    """A copy of ``layer_spec`` whose self-attention uses ContextParallelAttention."""
+    """A copy of ``layer_spec`` whose self-attention uses ContextParallelAttention (and
+    whose torch norms work under sequence parallelism)."""
     attn = layer_spec.submodules.self_attention
-    attn_subs = dataclasses.replace(attn.submodules, core_attention=ContextParallelAttention)
-    layer_subs = dataclasses.replace(layer_spec.submodules,
-                                     self_attention=dataclasses.replace(attn, submodules=attn_subs))
+    attn_subs = _sp_norms(dataclasses.replace(attn.submodules, core_attention=ContextParallelAttention))
+    layer_subs = _sp_norms(dataclasses.replace(layer_spec.submodules,
+                                               self_attention=dataclasses.replace(attn, submodules=attn_subs)))
     return dataclasses.replace(layer_spec, submodules=layer_subs)
+
+
+def get_gpt_block_cp_spec(config, layer_spec: ModuleSpec, vp_stage=None, pp_rank=None):
+    """megatron-core TransformerBlockSubmodules for this pipeline stage: ``layer_spec``
+    repeated for the layers this stage builds, and a final norm that works under
+    sequence parallelism (what ``TransformerBlock`` would build from a layer spec,
+    with :class:`SequenceParallelNorm` in place of ``WrappedTorchNorm``)."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (LayerNormImpl, TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    final_norm = SequenceParallelNorm if LayerNormImpl is WrappedTorchNorm else LayerNormImpl
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=final_norm)
 
 
 def get_gpt_layer_cp_spec(num_experts=None, moe_grouped_gemm=False, qk_layernorm=False,
@@ -35,3 +63,7 @@ def get_gpt_layer_cp_spec(num_experts=None, moe_grouped_gemm=False, qk_layernorm
 
         return _with_core_attention(get_gpt_layer_with_transformer_engine_spec(**args))
     return _with_core_attention(get_gpt_layer_local_spec(normalization=normalization, **args))
+
+
+# The Megatron-LM ``--spec`` target: the default local layer spec with our core attention.
+gpt_layer_cp_spec: ModuleSpec = get_gpt_layer_cp_spec()

@@ -52,7 +52,8 @@ def run_shape(cfg) -> RunShape:
                     distributed_optimizer=bool(getattr(p, "use_distributed_optimizer", True)),
                     overlap_grad_reduce=bool(getattr(p, "overlap_grad_reduce", False)),
                     virtual_pp=int(getattr(p, "virtual_pipeline_model_parallel_size", None) or 1),
-                    sequence_parallel=bool(getattr(p, "sequence_parallel", True)))
+                    sequence_parallel=p.tensor_model_parallel_size > 1 if getattr(p, "sequence_parallel", None) is None
+                    else bool(p.sequence_parallel))
 
 
 def config_layout(cfg, world: int) -> Layout:

@@ -16,7 +16,9 @@ class ParallelConfig:
     """How the world is split. DP is derived: world / (TP * PP * CP)."""
 
     tensor_model_parallel_size: int = 1
-    """TP degree."""
+    """TP degree: must divide the attention heads and the query groups."""
+    sequence_parallel: Optional[bool] = None
+    """Megatron sequence parallelism inside TP (norm/dropout activations split by TP); unset: on when TP > 1."""
     pipeline_model_parallel_size: int = 1
     """PP degree (only 1 is supported)."""
     context_parallel_size: int = 1
@@ -25,12 +27,10 @@ class ParallelConfig:
     """p2p (ring), all_gather, a2a (Ulysses) or a2a+p2p (hybrid)."""
     ulysses_size: int = 1
     """Ulysses degree inside CP for a2a+p2p (the ring degree is CP / this)."""
-    sequence_parallel: bool = True
-    """Sequence parallel when TP > 1: norm and layer-input activations split by TP."""
     use_distributed_optimizer: bool = True
-    """Shard fp32 main params and Adam states over the DP x CP group (as Megatron-LM)."""
+    """megatron-core's distributed optimizer: fp32 main params and Adam states sharded over DP x CP."""
     overlap_grad_reduce: bool = False
-    """Overlap the bucketed gradient reduction with the backward."""
+    """Overlap DDP's bucketed grad reduce-scatter/all-reduce with the backward (worth it on GPUs)."""
 
 
 @dataclass
@@ -129,6 +129,10 @@ class LoggingConfig:
 
     log_interval: int = 1
     """Print a Megatron-style line every N iterations."""
+    eval_interval: int = 0
+    """Validation loss every N iterations (and at the end); 0: only at the end, if eval_iters > 0."""
+    eval_iters: int = 0
+    """Batches of the valid split (data.split) per validation; 0: no validation."""
     wandb: bool = True
     """Log to wandb; offline unless WANDB_MODE says otherwise."""
     wandb_project: str = "megatron-ext"
@@ -201,6 +205,8 @@ def _typed(value: Any, annotation: str, key: str) -> Any:
     def bad():
         return ValueError(f"config key {key}: expected {annotation}, got {value!r}")
 
+    if annotation.startswith("Optional[") and annotation.endswith("]"):
+        return None if value is None else _typed(value, annotation[len("Optional["):-1], key)
     if annotation in ("float", "int"):
         if isinstance(value, bool):
             raise bad()
@@ -253,6 +259,29 @@ def to_dict(cfg) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _check_heads(cfg: TrainConfig) -> None:
+    """TP splits heads and query groups; Ulysses splits this TP rank's heads."""
+    p, m = cfg.parallel, cfg.model
+    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
+    if p.cp_comm_type not in ("p2p", "all_gather", "a2a", "a2a+p2p"):
+        raise ValueError(f"parallel.cp_comm_type {p.cp_comm_type!r} is not one of p2p, all_gather, a2a, a2a+p2p")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ValueError(f"model.num_query_groups {m.num_query_groups} must divide "
+                         f"model.num_attention_heads {m.num_attention_heads}")
+    for key, n in (("num_attention_heads", m.num_attention_heads), ("num_query_groups", m.num_query_groups)):
+        if n % tp:
+            raise ValueError(f"parallel.tensor_model_parallel_size {tp} must divide model.{key} {n}")
+    heads = m.num_attention_heads // tp
+    ulysses = {"a2a": cp, "a2a+p2p": p.ulysses_size}.get(p.cp_comm_type, 1) if cp > 1 else 1
+    if p.cp_comm_type == "a2a+p2p" and cp % p.ulysses_size:
+        raise ValueError(f"parallel.ulysses_size {p.ulysses_size} must divide CP {cp}")
+    if heads % ulysses:
+        raise ValueError(f"Ulysses size {ulysses} ({p.cp_comm_type}) must divide the heads per TP rank: "
+                         f"num_attention_heads / TP = {m.num_attention_heads} / {tp} = {heads}")
+    if p.sequence_parallel and tp == 1:
+        raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+
+
 def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     """Check the layout against the world size; returns the derived sizes."""
     p = cfg.parallel
@@ -267,8 +296,7 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     dp = world_size // model_parallel
     if cfg.data.seq_length % (2 * p.context_parallel_size):
         raise ValueError(f"data.seq_length {cfg.data.seq_length} must divide by 2 x CP = {2 * p.context_parallel_size}")
-    if p.cp_comm_type == "a2a+p2p" and p.context_parallel_size % p.ulysses_size:
-        raise ValueError(f"ulysses_size {p.ulysses_size} must divide CP {p.context_parallel_size}")
+    _check_heads(cfg)
     per_step = cfg.optim.micro_batch_size * dp
     if cfg.optim.global_batch_size % per_step:
         raise ValueError(f"global_batch_size {cfg.optim.global_batch_size} must be a multiple of "

@@ -2,17 +2,24 @@
 our indexed binaries, with the SFT loss mask alongside.
 
 The mask (``*_loss_mask_document``) has the same document lengths as the
-tokens, so a second builder over the mask prefixes with the same config
-yields the same sample, shuffle and blend indices: sample i of both line up.
-Order is deterministic (seeded); a run resumes by starting at its consumed
-sample count.
+tokens, so a second builder over the mask prefixes with the same config yields
+the same sample, shuffle and blend indices: sample i of both line up. The mask
+is read as raw values (never through GPTDataset's token/label handling, which
+rewrites pad ids).
+
+The sample order never depends on ``optim.train_iters``: each split is built for
+one epoch of its data (a weighted blend for a fixed size derived from the data),
+and a run longer than an epoch walks the same order again. So the first N samples
+are the same whatever the run length, and a resumed run with more iterations
+continues where it stopped.
 """
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
+import numpy as np
 import torch
 
 from data_tools.common import load_tokenizer
@@ -29,6 +36,11 @@ class SentencePieceTokenizer:
         self.unique_identifiers = OrderedDict(class_name=type(self).__name__, model=os.path.abspath(model_path))
 
 
+def load_train_tokenizer(spec: str):
+    """The tokenizer named by ``data.tokenizer_model``."""
+    return SentencePieceTokenizer(spec)
+
+
 def _blend(prefixes_and_weights: List, suffix: str):
     if len(prefixes_and_weights) % 2:
         raise ValueError(f"data.blend must be [weight, prefix, ...], got {prefixes_and_weights}")
@@ -40,27 +52,79 @@ def _blend(prefixes_and_weights: List, suffix: str):
     return prefixes, weights
 
 
-def build_datasets(cfg, num_samples: int, tokenizer: SentencePieceTokenizer, cache_dir: str):
-    """(text dataset, mask dataset or None), each with at least ``num_samples`` samples."""
+def _epoch_samples(prefixes: List[str], seq_length: int, split: str) -> List[Optional[int]]:
+    """Per split, the samples in one epoch of all ``prefixes`` together (a size that
+    depends on the data only, for weighted blends, which need one)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokens = sum(int(IndexedDataset(p).sequence_lengths.sum()) for p in prefixes)
+    parts = [float(x) for x in split.replace("/", ",").split(",")]
+    return [max(1, int(tokens * part / sum(parts)) // seq_length) if part > 0 else None for part in parts]
+
+
+def build_datasets(cfg, tokenizer, cache_dir: str, valid_samples: int = 0):
+    """(train, valid or None): :class:`Samples` over ``cfg.blend`` (and its loss masks
+    when ``cfg.sft``). The valid split exists when ``cfg.split`` gives it a share and
+    ``valid_samples`` > 0."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    prefixes, weights = _blend(cfg.blend, "_text_document")
+    one = len(prefixes) == 1
+    sizes = [None, None, None] if one else _epoch_samples(prefixes, cfg.seq_length, cfg.split)
+    if valid_samples and sizes[1] is None and not one:
+        raise ValueError(f"logging.eval_iters > 0 needs a valid share in data.split (got {cfg.split!r})")
+    sizes = [sizes[0], sizes[1], 0]  # no test split is used
+
     def build(suffix):
-        prefixes, weights = _blend(cfg.blend, suffix)
+        p, w = _blend(cfg.blend, suffix)
         config = GPTDatasetConfig(
-            random_seed=cfg.seed, sequence_length=cfg.seq_length, blend=(prefixes, weights), split=cfg.split,
+            random_seed=cfg.seed, sequence_length=cfg.seq_length, blend=(p, None if one else w), split=cfg.split,
             path_to_cache=cache_dir, tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
             eod_mask_loss=False, create_attention_mask=False, mid_level_dataset_surplus=0.005,
         )
-        train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
-        return train
+        return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
 
     text = build("_text_document")
-    mask = build("_loss_mask_document") if cfg.sft else None
-    return text, mask
+    mask = build("_loss_mask_document") if cfg.sft else [None, None, None]
+    train = Samples(text[0], mask[0], "train")
+    if valid_samples and (text[1] is None or len(text[1]) == 0):
+        raise ValueError(f"logging.eval_iters > 0 needs a valid share in data.split (got {cfg.split!r})")
+    valid = Samples(text[1], mask[1], "valid") if valid_samples else None
+    return train, valid
 
 
-def sample_batches(text, mask, start_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+def _raw_sample(dataset, index: int) -> np.ndarray:
+    """Sample ``index``'s raw token values (seq_length + 1), bypassing label handling."""
+    if hasattr(dataset, "dataset_index"):  # BlendedDataset
+        dataset, index = dataset.datasets[dataset.dataset_index[index]], dataset.dataset_sample_index[index]
+    return dataset._query_document_sample_shuffle_indices(index)[0]
+
+
+class Samples:
+    """Sample i of a split as [S] tensors: tokens, labels, loss_mask, position_ids; the
+    SFT mask multiplies the loss mask at the label positions. Index i wraps around
+    the epoch."""
+
+    def __init__(self, text, mask, name: str):
+        if text is None or len(text) == 0:
+            raise ValueError(f"the {name} split has no samples: check data.split and data.blend")
+        self.text, self.mask, self.name = text, mask, name
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        i = index % len(self.text)
+        item = self.text[i]
+        out = {k: item[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        if self.mask is not None:
+            values = torch.from_numpy(np.asarray(_raw_sample(self.mask, i)[1:], dtype=np.float32))
+            out["loss_mask"] = out["loss_mask"] * values.to(out["loss_mask"].dtype)
+        return out
+
+
+def sample_batches(samples: Samples, start_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                    grad_accum: int) -> Iterator[List[Dict[str, torch.Tensor]]]:
     """Per optimizer step, this DP rank's micro-batches ([mbs, S] tensors).
 
@@ -75,17 +139,7 @@ def sample_batches(text, mask, start_sample: int, micro_batch_size: int, dp_rank
         micro = []
         for a in range(grad_accum):
             first = base + (a * dp_size + dp_rank) * micro_batch_size
-            items = [_sample(text, mask, i) for i in range(first, first + micro_batch_size)]
+            items = [samples[i] for i in range(first, first + micro_batch_size)]
             micro.append({k: torch.stack([it[k] for it in items]) for k in items[0]})
         yield micro
         step += 1
-
-
-def _sample(text, mask, index: int) -> Dict[str, torch.Tensor]:
-    if index >= len(text):
-        raise IndexError(f"sample {index} is past the dataset's {len(text)} samples")
-    item = text[index]
-    out = {k: item[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
-    if mask is not None:  # the mask's "labels" are the mask values at the label positions
-        out["loss_mask"] = out["loss_mask"] * mask[index]["labels"].to(out["loss_mask"].dtype)
-    return out

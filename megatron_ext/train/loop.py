@@ -1,4 +1,6 @@
-"""The training driver: one loop for the pretrain, sft and long_sft stages."""
+"""The training driver: one loop for the pretrain, sft and long_sft stages, on
+megatron-core's machinery (DDP, optimizer, scheduler, forward-backward schedule,
+dist_checkpointing), as Megatron-LM's ``train_step`` runs it."""
 from __future__ import annotations
 
 import math
@@ -6,15 +8,22 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 import yaml
 
+from ..distributed import collective_tensor
 from . import checkpoint as ckpt
 from .config import TrainConfig, to_dict, validate
-from .data import SentencePieceTokenizer, build_datasets, sample_batches
+from .data import build_datasets, load_train_tokenizer, sample_batches
 from .metrics import MetricsLogger, flops_per_token
+from .model import build_model, init_model_parallel, unwrap, wrap_model
+from .optim import build_optimizer
+
+# re-exported for callers that build models the trainer's way (eval, convert)
+__all__ = ["Trainer", "RunState", "build_model", "init_model_parallel"]
 
 
 @dataclass
@@ -26,87 +35,25 @@ class RunState:
     skipped_iterations: int = 0
 
 
-def build_model(cfg: TrainConfig, vocab_size: int):
-    """megatron-core GPTModel for ``cfg`` (CP attention, extended RoPE); returns (model, bf16).
-    Needs parallel_state initialised with cfg.parallel's sizes."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from ..megatron.model import build_gpt_model
-    from ..megatron.specs import get_gpt_layer_cp_spec
-    from ..rope import attention_scale_factor
-
-    m, p = cfg.model, cfg.parallel
-    model_parallel_cuda_manual_seed(cfg.seed)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
-    kv = m.hidden_size // m.num_attention_heads
-    scale = attention_scale_factor(m.rope) / math.sqrt(kv)
-    config = TransformerConfig(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
-        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-        init_method_std=m.init_method_std, attention_dropout=0.0, hidden_dropout=0.0,
-        tensor_model_parallel_size=p.tensor_model_parallel_size, context_parallel_size=p.context_parallel_size,
-        cp_comm_type=p.cp_comm_type if p.context_parallel_size > 1 else None, softmax_scale=scale,
-        # bf16 runs keep fp32 parameters (the optimizer's master copy) and compute under autocast.
-        use_cpu_initialization=not torch.cuda.is_available(), params_dtype=torch.float32,
-        calculate_per_token_loss=True,
-        recompute_granularity="full" if cfg.recompute else None,
-        recompute_method="uniform" if cfg.recompute else None, recompute_num_layers=1 if cfg.recompute else None,
-        gated_linear_unit=m.swiglu, activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
-        bias_activation_fusion=False, normalization=m.normalization, add_bias_linear=m.add_bias_linear,
-    )
-    torch.manual_seed(cfg.seed)
-    model = build_gpt_model(config, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_length, rope=m.rope,
-                            layer_spec=get_gpt_layer_cp_spec(normalization=m.normalization),
-                            share_embeddings_and_output_weights=not m.untie_embeddings)
-    return model.cuda() if torch.cuda.is_available() else model, bf16
-
-
-def init_model_parallel(cfg: TrainConfig):
-    """megatron-core's parallel_state for cfg.parallel (torch.distributed already
-    initialised; CPU runtime patches applied off CUDA); returns the module."""
-    from ..megatron.cpu import enable_cpu_runtime
-
-    enable_cpu_runtime()
-    from megatron.core import parallel_state
-
-    p = cfg.parallel
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=p.tensor_model_parallel_size, context_parallel_size=p.context_parallel_size,
-        hierarchical_context_parallel_sizes=[p.ulysses_size, p.context_parallel_size // p.ulysses_size]
-        if p.cp_comm_type == "a2a+p2p" else None)
-    return parallel_state
-
-
-def _optimizer(cfg: TrainConfig, model):
-    o = cfg.optim
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=1e-8)
-
-    def factor(it):  # linear warmup, then cosine from lr to min_lr
-        if it < o.warmup_iters:
-            return (it + 1) / o.warmup_iters
-        progress = min(1.0, (it - o.warmup_iters) / max(1, o.train_iters - o.warmup_iters))
-        return (o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))) / o.lr
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 class Trainer:
     """Runs one stage; see :func:`megatron_ext.train.__main__.main` for the CLI."""
 
     def __init__(self, cfg: TrainConfig):
+        from megatron.core.distributed import finalize_model_grads
+
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.sizes = validate(cfg, self.world)
         self.ps = init_model_parallel(cfg)
-        self.tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
-        vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
-        self.model, self.bf16 = build_model(cfg, vocab)
-        self.optimizer, self.scheduler = _optimizer(cfg, self.model)
+        self.tokenizer = load_train_tokenizer(cfg.data.tokenizer_model)
+        self.vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
+        model, self.bf16 = build_model(cfg, self.vocab_size)
+        self.model = [wrap_model(cfg, model)]
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        config = model.config
+        config.no_sync_func = self.model[0].no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
         self.state = RunState()
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -114,92 +61,149 @@ class Trainer:
     def _on_sigterm(self, *_):
         self.stop_requested = True  # acted on at the end of the current iteration, by every rank together
 
+    # -- checkpoints ------------------------------------------------------------------------
     def restore(self) -> str:
-        """Resume from save_dir's newest complete checkpoint, else start from init_from's weights."""
+        """Resume from save_dir's newest complete checkpoint, else start from init_from's weights.
+        Every rank reads and checks the checkpoint's shape before any collective."""
         c = self.cfg.checkpoint
-        tp = self.cfg.parallel.tensor_model_parallel_size
         path = ckpt.latest_checkpoint(c.save_dir)
         if path:
-            extra = ckpt.load(path, self.model, self.optimizer, self.scheduler, tp)
+            ckpt.check_compatible(path, ckpt.read_common(path), self.cfg.model, self.vocab_size)
+            extra = ckpt.load(path, self.model[0], self.optimizer, self.scheduler)
             self.state = RunState(extra["iteration"], extra["consumed_samples"], extra["skipped_iterations"])
             return f"resumed from {path} at iteration {self.state.iteration}"
         if c.init_from:
             src = ckpt.latest_checkpoint(c.init_from)
             if not src:
                 raise FileNotFoundError(f"checkpoint.init_from={c.init_from!r} has no complete checkpoint")
-            ckpt.load(src, self.model, tp_size=tp, weights_only=True)
+            ckpt.check_compatible(src, ckpt.read_common(src), self.cfg.model, self.vocab_size)
+            ckpt.load(src, self.model[0])
+            self._reload_main_params()
             return f"initialised weights from {src}"
         return "starting from scratch"
 
+    def _reload_main_params(self) -> None:
+        """After loading weights alone, the optimizer's fp32 main params must follow them."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if hasattr(opt, "reload_model_params"):
+                opt.reload_model_params()
+
     def save(self) -> str:
-        extra = {"iteration": self.state.iteration, "consumed_samples": self.state.consumed_samples,
-                 "skipped_iterations": self.state.skipped_iterations,
-                 "config_yaml": yaml.safe_dump(to_dict(self.cfg))}
+        common = {"consumed_samples": self.state.consumed_samples,
+                  "skipped_iterations": self.state.skipped_iterations,
+                  "config": to_dict(self.cfg), "config_yaml": yaml.safe_dump(to_dict(self.cfg)),
+                  "vocab_size": self.vocab_size}
         c = self.cfg.checkpoint
-        return ckpt.save(c.save_dir, self.state.iteration, self.model, self.optimizer, self.scheduler, extra,
-                         c.keep_last, self.cfg.parallel.tensor_model_parallel_size)
+        return ckpt.save(c.save_dir, self.state.iteration, self.model[0], self.optimizer, self.scheduler, common,
+                         c.keep_last)
 
     # -- one optimizer step ----------------------------------------------------------------
-    def step(self, micro_batches) -> dict:
-        """Forward/backward over the micro-batches, then a finite-checked optimizer step."""
-        from ..megatron.batch import get_batch_on_this_cp_rank, global_token_count, reduce_gradients
+    def _forward_step(self, data_iterator, model):
+        """megatron-core forward_step_func: per-token losses and the loss function."""
+        local = next(data_iterator)
+        per_token = model(local["tokens"], local["position_ids"], None, labels=local["labels"])
+        return per_token, partial(self._loss_func, local["loss_mask"])
+
+    def _loss_func(self, loss_mask, per_token):
+        from ..megatron.batch import masked_loss_sum
+
+        loss_sum, count = masked_loss_sum(per_token, loss_mask)
+        if self.state.iteration + 1 in self.cfg.fault.inject_nan_at:
+            loss_sum = loss_sum * float("nan")
+        return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count.to(loss_sum.dtype)])}
+
+    def _run_schedule(self, micro_batches, forward_only: bool):
+        """Run megatron-core's forward-backward schedule; returns (loss, tokens) over DP x CP."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from ..megatron.batch import get_batch_on_this_cp_rank
 
         ps = self.ps
-        cp_group, dp_cp = ps.get_context_parallel_group(), ps.get_data_parallel_group(with_context_parallel=True)
-        device = next(self.model.parameters()).device
-        shards = [{k: v.to(device) for k, v in get_batch_on_this_cp_rank(mb, cp_group).items()} for mb in micro_batches]
-        # One token count for the whole step, so accumulation gives the token mean of the global batch.
-        total = global_token_count([local["loss_mask"] for local in shards], dp_cp)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for local in shards:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                per_token = self.model(local["tokens"], local["position_ids"], None, labels=local["labels"])
-            masked = (per_token.float() * local["loss_mask"]).sum()
-            if self.state.iteration + 1 in self.cfg.fault.inject_nan_at:
-                masked = masked * float("nan")
-            (masked / max(total, 1.0)).backward()
-            loss_sum += masked.detach().double()
-        dist.all_reduce(loss_sum, group=dp_cp)
-        reduce_gradients(self.model.parameters(), dp_cp)
-        grad_norm = self._clip()
-        finite = torch.tensor([1.0 if math.isfinite(loss_sum.item()) and math.isfinite(grad_norm) else 0.0])
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips together
-        if finite.item() > 0:
-            self.optimizer.step()
-        self.scheduler.step()
-        return {"loss": loss_sum.item() / max(total, 1.0), "grad_norm": grad_norm,
-                "finite": finite.item() > 0, "tokens": total}
+        device = next(self.model[0].parameters()).device
+        shards = [{k: v.to(device) for k, v in get_batch_on_this_cp_rank(mb, ps.get_context_parallel_group()).items()}
+                  for mb in micro_batches]
+        s_local, mbs = shards[0]["tokens"].shape[1], shards[0]["tokens"].shape[0]
+        out = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=iter(shards), model=self.model,
+            num_microbatches=len(shards), seq_length=s_local, micro_batch_size=mbs, forward_only=forward_only)
+        totals = collective_tensor([0.0, 0.0], torch.float64, ps.get_data_parallel_group(with_context_parallel=True))
+        for record in out:
+            totals += record["lm loss"].to(totals)
+        dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
+        loss_sum, tokens = totals.tolist()
+        return loss_sum / max(tokens, 1.0), tokens
 
-    def _clip(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # TP=1: replicated grads, local norm
+    def step(self, micro_batches) -> dict:
+        """Forward/backward over the micro-batches, then megatron-core's optimizer step
+        (clipping and the finite check across TP/PP/DP). A non-finite loss skips the
+        step on every rank (the loss is all-reduced, so all ranks agree)."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss, tokens = self._run_schedule(micro_batches, forward_only=False)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        ok, grad_norm = False, float("nan")
+        if math.isfinite(loss):
+            ok, norm, _ = self.optimizer.step()
+            grad_norm = float(norm) if norm is not None else float("nan")
+        if ok:
+            self.scheduler.step(increment=1)  # as Megatron-LM: a skipped step does not advance the schedule
+        return {"loss": loss, "grad_norm": grad_norm, "finite": bool(ok), "tokens": tokens, "lr": lr}
+
+    def evaluate(self, batches) -> tuple:
+        """Validation loss over ``eval_iters`` global batches; returns (loss, ppl)."""
+        for chunk in self.model:
+            chunk.eval()
+        with torch.no_grad():
+            sums = [self._run_schedule(next(batches), forward_only=True) for _ in range(self.cfg.logging.eval_iters)]
+        for chunk in self.model:
+            chunk.train()
+        total = sum(t for _, t in sums)
+        loss = sum(l * t for l, t in sums) / max(total, 1.0)
+        return loss, math.exp(min(loss, 20.0))
 
     # -- the loop ---------------------------------------------------------------------------
+    def _data(self):
+        cfg, o = self.cfg, self.cfg.optim
+        cache = cfg.data.cache_dir or os.path.join(cfg.checkpoint.save_dir, "data_cache")
+        train_ds, valid_ds = build_datasets(cfg.data, self.tokenizer, cache, valid_samples=self._valid_samples())
+        dp_rank, dp = self.ps.get_data_parallel_rank(), self.sizes["dp"]
+        train = sample_batches(train_ds, self.state.consumed_samples, o.micro_batch_size, dp_rank, dp,
+                               self.sizes["grad_accum"])
+        valid = (lambda: sample_batches(valid_ds, 0, o.micro_batch_size, dp_rank, dp, self.sizes["grad_accum"])) \
+            if valid_ds is not None else None
+        return train, valid
+
+    def _valid_samples(self) -> int:
+        return self.cfg.logging.eval_iters * self.cfg.optim.global_batch_size
+
+    def _validate(self, valid, log) -> None:
+        if valid is None:
+            return
+        loss, ppl = self.evaluate(valid())  # the same first eval_iters batches each time: comparable
+        log.validation(self.state.iteration, loss, ppl)
+
     def train(self) -> int:
         cfg, o = self.cfg, self.cfg.optim
-        gbs = o.global_batch_size
-        cache = cfg.data.cache_dir or os.path.join(cfg.checkpoint.save_dir, "data_cache")
-        text, mask = build_datasets(cfg.data, o.train_iters * gbs, self.tokenizer, cache)
-        dp_rank = self.ps.get_data_parallel_rank()
-        batches = sample_batches(text, mask, self.state.consumed_samples, o.micro_batch_size, dp_rank,
-                                 self.sizes["dp"], self.sizes["grad_accum"])
-        log = MetricsLogger(cfg, self.rank, self.world, flops_per_token(cfg, self.tokenizer.vocab_size))
+        batches, valid = self._data()
+        log = MetricsLogger(cfg, self.rank, self.world, flops_per_token(cfg, self.vocab_size))
         consecutive_bad = 0
+        every = cfg.logging.eval_interval
         while self.state.iteration < o.train_iters:
             t0 = time.perf_counter()
             out = self.step(next(batches))
             self.state.iteration += 1
-            self.state.consumed_samples += gbs
+            self.state.consumed_samples += o.global_batch_size
             consecutive_bad = 0 if out["finite"] else consecutive_bad + 1
             self.state.skipped_iterations += not out["finite"]
-            log.iteration(self.state, out, time.perf_counter() - t0, self.scheduler.get_last_lr()[0])
+            log.iteration(self.state, out, time.perf_counter() - t0, out["lr"])
             if consecutive_bad >= cfg.fault.max_consecutive_nonfinite:
                 log.close()
                 raise RuntimeError(f"{consecutive_bad} consecutive non-finite steps (loss or grad norm) up to "
                                    f"iteration {self.state.iteration}; stopping. Lower the learning rate or check the data.")
-            stop = torch.tensor([float(self.stop_requested)])
+            if every and self.state.iteration % every == 0 and self.state.iteration < o.train_iters:
+                self._validate(valid, log)
+            stop = collective_tensor([float(self.stop_requested)], torch.float32)
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             if stop.item() or self.state.iteration % cfg.checkpoint.save_interval == 0 \
                     or self.state.iteration == o.train_iters:
@@ -208,5 +212,12 @@ class Trainer:
             if stop.item():
                 log.info(f"SIGTERM: saved at iteration {self.state.iteration}; exiting cleanly")
                 break
+        else:
+            self._validate(valid, log)
         log.close()
         return 0
+
+
+def model_of(trainer: Trainer):
+    """The bare GPTModel a trainer trains (for tests and tools)."""
+    return unwrap(trainer.model[0])

@@ -69,6 +69,20 @@ class MetricsLogger:
                   f"{lr:.3E} | lm loss: {out['loss']:.6E} | grad norm: {out['grad_norm']:.3f} | skipped iterations: "
                   f"{state.skipped_iterations} | nan iterations: {rec['nan']} | peak memory (MiB): {peak:.0f}", flush=True)
 
+    def validation(self, iteration: int, loss: float, ppl: float) -> None:
+        """Megatron-LM's validation line, also to metrics.jsonl and wandb."""
+        if self.rank != 0:
+            return
+        rec = {"iteration": iteration, "valid_loss": loss, "valid_ppl": ppl}
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+        if self.wandb:
+            self.wandb.log({"validation/lm loss": loss, "validation/lm loss PPL": ppl}, step=iteration)
+        if self.tb:
+            self.tb.add_scalar("validation/lm loss", loss, iteration)
+        print(f" [{self.cfg.stage}] validation loss at iteration {iteration} | lm loss: {loss:.6E} | "
+              f"lm loss PPL: {ppl:.6E}", flush=True)
+
     def close(self) -> None:
         if self.rank != 0:
             return

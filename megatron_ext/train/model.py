@@ -1,0 +1,113 @@
+"""The model as Megatron-LM builds it: megatron-core's parallel_state, a GPTModel
+with our CP attention and extended RoPE, bf16 parameters under ``Float16Module``,
+and megatron-core's ``DistributedDataParallel`` (bucketed grad reduction over DP x CP
+into a contiguous fp32 grad buffer)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import TrainConfig
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    """bf16 parameters and compute: ``precision: bf16``, or ``auto`` on a GPU."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+
+
+def transformer_config(cfg: TrainConfig):
+    """megatron-core's TransformerConfig for ``cfg`` (the one mapping of our keys onto it)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from ..rope import attention_scale_factor
+
+    m, p = cfg.model, cfg.parallel
+    bf16 = use_bf16(cfg)
+    kv = m.hidden_size // m.num_attention_heads
+    recompute = cfg.recompute
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+        init_method_std=m.init_method_std, attention_dropout=0.0, hidden_dropout=0.0,
+        tensor_model_parallel_size=p.tensor_model_parallel_size, sequence_parallel=sequence_parallel(cfg),
+        context_parallel_size=p.context_parallel_size,
+        cp_comm_type=p.cp_comm_type if p.context_parallel_size > 1 else None,
+        softmax_scale=attention_scale_factor(m.rope) / math.sqrt(kv),
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # per-token loss: the schedule sums token losses and finalize_model_grads divides the
+        # grads by the global token count, so DDP sums (not averages) over DP x CP
+        calculate_per_token_loss=True,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None, recompute_num_layers=1 if recompute else None,
+        gated_linear_unit=m.swiglu, activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
+        bias_activation_fusion=False, normalization=m.normalization, add_bias_linear=m.add_bias_linear,
+    )
+
+
+def sequence_parallel(cfg: TrainConfig) -> bool:
+    """``parallel.sequence_parallel``; unset means on exactly when TP > 1."""
+    sp = cfg.parallel.sequence_parallel
+    return cfg.parallel.tensor_model_parallel_size > 1 if sp is None else bool(sp)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int):
+    """The bare megatron-core GPTModel for ``cfg`` (CP attention, extended RoPE), on this
+    rank's device, parameters in fp32. Needs parallel_state initialised with
+    cfg.parallel's sizes. Returns (model, bf16)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from ..megatron.model import build_gpt_model
+    from ..megatron.specs import get_gpt_layer_cp_spec
+
+    m = cfg.model
+    model_parallel_cuda_manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_gpt_model(transformer_config(cfg), vocab_size=vocab_size, max_sequence_length=cfg.data.seq_length,
+                            rope=m.rope, layer_spec=get_gpt_layer_cp_spec(normalization=m.normalization),
+                            share_embeddings_and_output_weights=not m.untie_embeddings)
+    return (model.cuda() if torch.cuda.is_available() else model), use_bf16(cfg)
+
+
+def wrap_model(cfg: TrainConfig, model):
+    """``Float16Module`` (bf16) and megatron-core DDP around ``model``; returns the DDP
+    module. Grads are reduced in fp32 buckets over DP x CP (reduce-scatter with the
+    distributed optimizer)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    config = model.config
+    if config.bf16:
+        model = Float16Module(config, model)
+    p = cfg.parallel
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+        use_distributed_optimizer=p.use_distributed_optimizer)
+    return DistributedDataParallel(config, ddp_config, model)
+
+
+def init_model_parallel(cfg: TrainConfig):
+    """megatron-core's parallel_state for cfg.parallel (torch.distributed already
+    initialised; CPU runtime patches applied off CUDA); returns the module."""
+    from ..megatron.cpu import enable_cpu_runtime
+
+    enable_cpu_runtime()
+    from megatron.core import parallel_state
+
+    p = cfg.parallel
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size, context_parallel_size=p.context_parallel_size,
+        hierarchical_context_parallel_sizes=[p.ulysses_size, p.context_parallel_size // p.ulysses_size]
+        if p.cp_comm_type == "a2a+p2p" else None)
+    return parallel_state
+
+
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

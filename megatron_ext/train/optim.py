@@ -1,0 +1,41 @@
+"""The optimizer and schedule as Megatron-LM builds them: megatron-core's
+``get_megatron_optimizer`` (Adam with decoupled weight decay, global-norm clipping
+and the finite check across TP/PP/DP, the distributed optimizer sharding fp32 main
+params and Adam states over DP x CP) and ``OptimizerParamScheduler`` (linear warmup,
+cosine decay to min_lr, in iterations)."""
+from __future__ import annotations
+
+from .config import TrainConfig
+from .model import use_bf16
+
+
+def optimizer_config(cfg: TrainConfig):
+    """megatron-core's OptimizerConfig for ``cfg``."""
+    import torch
+    from megatron.core.optimizer import OptimizerConfig
+
+    o, bf16 = cfg.optim, use_bf16(cfg)
+    return OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2, adam_eps=1e-8, clip_grad=o.clip_grad, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # a constant scale of 1 makes the bf16 optimizer check its grads for inf/NaN and skip
+        loss_scale=1.0 if bf16 else None,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+
+
+def build_optimizer(cfg: TrainConfig, model_chunks):
+    """(MegatronOptimizer, OptimizerParamScheduler) for the DDP-wrapped ``model_chunks``."""
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optim
+    optimizer = get_megatron_optimizer(optimizer_config(cfg), model_chunks)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_iters,
+        lr_decay_steps=max(o.train_iters, o.warmup_iters + 1), lr_decay_style="cosine",
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=o.train_iters, wd_incr_style="constant",
+        # a resumed run may change train_iters (and so the decay length): the config wins,
+        # the step count comes from the checkpoint
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+    return optimizer, scheduler
