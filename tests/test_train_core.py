@@ -156,7 +156,7 @@ def _device_worker(rank, world, data, save, extra):
         return collective
 
     names = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "gather",
-             "send", "recv", "isend", "irecv", "all_to_all_single")
+             "send", "recv", "all_to_all_single")  # isend/irecv stay unwrapped: P2POp checks them by identity
     originals = {n: getattr(dist, n) for n in names}
     mdist.collective_device = counting
     for n, fn in originals.items():
