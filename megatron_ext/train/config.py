@@ -20,7 +20,9 @@ class ParallelConfig:
     sequence_parallel: Optional[bool] = None
     """Megatron sequence parallelism inside TP (norm/dropout activations split by TP); unset: on when TP > 1."""
     pipeline_model_parallel_size: int = 1
-    """PP degree (only 1 is supported)."""
+    """PP degree: megatron-core's 1F1B schedule over layer stages; must divide model.num_layers."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved (virtual) pipeline stages per rank; not supported yet (unset or 1)."""
     context_parallel_size: int = 1
     """CP degree: ranks that share one sequence."""
     cp_comm_type: str = "p2p"
@@ -308,8 +310,12 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     p = cfg.parallel
     if cfg.stage not in ("pretrain", "sft", "long_sft"):
         raise ValueError(f"stage {cfg.stage!r} is not one of pretrain, sft, long_sft")
-    if p.pipeline_model_parallel_size != 1:
-        raise ValueError("pipeline_model_parallel_size must be 1 (pipeline parallelism is not supported yet)")
+    if p.pipeline_model_parallel_size < 1 or cfg.model.num_layers % p.pipeline_model_parallel_size:
+        raise ValueError(f"parallel.pipeline_model_parallel_size {p.pipeline_model_parallel_size} must divide "
+                         f"model.num_layers {cfg.model.num_layers}")
+    if (p.virtual_pipeline_model_parallel_size or 1) != 1:
+        raise ValueError("parallel.virtual_pipeline_model_parallel_size > 1 (interleaved pipeline) is not supported "
+                         "yet; leave it unset")
     _check_heads(cfg)
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     if world_size % model_parallel:
