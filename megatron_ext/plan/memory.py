@@ -197,10 +197,16 @@ def _stage(shape, run, lay, first, last, ring_waves, reserve_gib) -> MemoryEstim
     parts["logits + loss (fp32 copy)"] = logits
     attn = attention_buffers(shape, run, lay, tokens, act, ring_waves)
     extra = layer_backward_extra(shape, lay, tokens, act, attn)
-    sp_gather = tokens * shape.hidden_size * act if lay.tp > 1 and run.sequence_parallel else 0.0  # SP all-gathered GEMM input
+    sp = lay.tp > 1 and run.sequence_parallel
+    # SP all-gathers each column-parallel GEMM's input into megatron-core's GlobalMemoryBuffer
+    # (tensor_parallel/layers.py:482): one [s, b, h] tensor that stays allocated for the run
+    parts["SP all-gather buffer (persistent)"] = tokens * shape.hidden_size * act if sp else 0.0
     parts["recomputed layer (backward)"] = full_layer if lay.recompute else 0.0
-    parts[f"layer backward temporaries ({lay.cp_comm_type} attention)"] = extra + sp_gather
-    static = parts["weights"] + parts["grads (fp32 buffer)"] + sum(v for k, v in parts.items() if k.startswith("optim"))
+    # SP backward: the reduce-scatter's output [s/TP, h] beside the full dgrad (layers.py:548)
+    parts[f"layer backward temporaries ({lay.cp_comm_type} attention)"] = \
+        extra + (tokens * shape.hidden_size * act / lay.tp if sp else 0.0)
+    static = parts["weights"] + parts["grads (fp32 buffer)"] + parts["SP all-gather buffer (persistent)"] + \
+        sum(v for k, v in parts.items() if k.startswith("optim"))
     layer_moment = parts["recomputed layer (backward)"] + parts[f"layer backward temporaries ({lay.cp_comm_type} attention)"]
     moment = "loss" if logits >= layer_moment else "last-layer backward"
     peak = static + parts["activations saved"] + max(logits, layer_moment)
