@@ -48,6 +48,7 @@ def _run(cfg) -> int:
 
     init_distributed_from_env()
     from .loop import Trainer
+    from .packing import OverlongExampleError
 
     try:
         trainer = Trainer(cfg)
@@ -57,6 +58,10 @@ def _run(cfg) -> int:
         if dist.get_rank() == 0:
             print(f"[{cfg.stage}] {note}", flush=True)
         return trainer.train()
+    except OverlongExampleError as err:  # every rank reads the same data and stops here
+        if dist.get_rank() == 0:
+            print(f"train: data error: {err}", file=sys.stderr, flush=True)
+        return 2
     finally:
         dist.destroy_process_group()
 

@@ -324,5 +324,9 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
                          f"micro_batch_size x DP = {per_step}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision {cfg.precision!r} is not auto, fp32 or bf16")
-    packing_mode(cfg)
+    mode = packing_mode(cfg)
+    if (mode == "sft" or cfg.data.document_masks) and cfg.optim.micro_batch_size != 1:
+        key = "data.packing=sft" if mode == "sft" else "data.document_masks=true"
+        raise ValueError(f"optim.micro_batch_size must be 1 with {key} (a packed sequence goes through the thd "
+                         f"path alone; raise global_batch_size instead), got {cfg.optim.micro_batch_size}")
     return {"dp": dp, "grad_accum": cfg.optim.global_batch_size // per_step}
