@@ -213,3 +213,15 @@ def test_packing_needs_micro_batch_size_one():
                           os.path.join(REPO, "launch/configs/tiny_cpu_sft.yaml"), "--set", "optim.micro_batch_size=2",
                           "--dry-run", "--world-size", "4"], capture_output=True, text=True)
     assert res.returncode == 2 and "optim.micro_batch_size must be 1 with data.packing=sft" in res.stderr, res.stderr
+
+
+def test_document_masks_change_pretraining_loss(data, tmp_path):
+    runs = {}
+    for flag in ("false", "true"):
+        save = str(tmp_path / flag)
+        res = train(data, save, nproc=2, extra=["optim.train_iters=1", "model.num_layers=1",
+                                                f"data.document_masks={flag}"])
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs[flag] = losses(save)[0]["loss"]
+    # the same tokens, but with attention cut at EODs (and no loss on each EOD's next-document label)
+    assert runs["true"] == runs["true"] and runs["true"] != runs["false"], runs
