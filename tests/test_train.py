@@ -66,11 +66,25 @@ def test_config_reads_numbers_yaml_leaves_as_text():
 def test_paper_scale_configs_pass_dry_run(stage):
     res = subprocess.run([sys.executable, "-m", "megatron_ext.train", "--config",
                           os.path.join(REPO, f"launch/configs/longskywork_13b_200k_{stage}.yaml"), "--dry-run",
-                          "--world-size", "64"], capture_output=True, text=True)
+                          "--world-size", "64", "--gpu-memory-gib", "80"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     seq = "8192" if stage == "sft" else "196608"
-    assert "CP=8" in res.stdout and "13.85 B" in res.stdout and f"sequence {seq} tokens" in res.stdout, res.stdout
-    assert "expect:" in res.stdout
+    assert "TP=2 (sequence parallel on)" in res.stdout and "13.85 B" in res.stdout, res.stdout
+    assert f"sequence {seq} tokens" in res.stdout and "expect:" in res.stdout
+    for part in ("weights", "grads (fp32 buffer)", "optimizer shard", "activations saved", "logits + loss",
+                 "layer backward temporaries (p2p attention)"):
+        assert part in res.stdout, part
+    assert re.fullmatch(r"memory per GPU: [\d.]+ GiB of 80 GiB: fits", res.stdout.strip().splitlines()[-1])
+
+
+def test_dry_run_exits_1_when_the_layout_does_not_fit():
+    res = subprocess.run([sys.executable, "-m", "megatron_ext.train", "--config", os.path.join(
+        REPO, "launch/configs/longskywork_13b_200k_pretrain.yaml"), "--dry-run", "--world-size", "64",
+        "--set", "parallel.tensor_model_parallel_size=1", "--set", "parallel.context_parallel_size=8",
+        "--set", "parallel.sequence_parallel=false"],
+        capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr
+    assert re.fullmatch(r"memory per GPU: [\d.]+ GiB of 80 GiB: does not fit", res.stdout.strip().splitlines()[-1])
 
 
 def test_three_stages_and_exact_resume(data, tmp_path):
@@ -208,11 +222,14 @@ def test_sft_packing_overlong_example_is_named_unless_dropped(data, tmp_path):
         res.stderr[-2000:]
 
 
-def test_packing_needs_micro_batch_size_one():
-    res = subprocess.run([sys.executable, "-m", "megatron_ext.train", "--config",
-                          os.path.join(REPO, "launch/configs/tiny_cpu_sft.yaml"), "--set", "optim.micro_batch_size=2",
-                          "--dry-run", "--world-size", "4"], capture_output=True, text=True)
-    assert res.returncode == 2 and "optim.micro_batch_size must be 1 with data.packing=sft" in res.stderr, res.stderr
+def test_packing_needs_micro_batch_size_one_and_no_pipeline():
+    for override, text in (("optim.micro_batch_size=2", "optim.micro_batch_size must be 1 with data.packing=sft"),
+                           ("parallel.pipeline_model_parallel_size=2", "pipeline_model_parallel_size must be 1 with "
+                                                                       "data.packing=sft")):
+        res = subprocess.run([sys.executable, "-m", "megatron_ext.train", "--config",
+                              os.path.join(REPO, "launch/configs/tiny_cpu_sft.yaml"), "--set", override,
+                              "--dry-run", "--world-size", "4"], capture_output=True, text=True)
+        assert res.returncode == 2 and text in res.stderr, res.stderr
 
 
 def test_document_masks_change_pretraining_loss(data, tmp_path):

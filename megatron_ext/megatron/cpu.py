@@ -20,7 +20,7 @@ nothing.
    "CUDA" RNG state around the recomputed forward; on CPU that is torch's CPU
    generator (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``).
 6. ``device='cuda'`` tensor factories and ``torch.cuda.synchronize`` in the
-   optimizer (``optimizer/optimizer.py:473,481,485,907,1141``,
+   optimizer (``optimizer/optimizer.py:473,481,485,907,1141``, ``grad_scaler.py:15,88,91,94``,
    ``clip_grads.py:90,103,115,174,207``, ``utils.py:1207``), the pipeline schedules
    (``schedules.py:596,983,2138`` ``total_num_tokens``) and P2P
    (``p2p_communication.py:190-202,242,313,321,398``), the distributed optimizer's
@@ -35,6 +35,10 @@ nothing.
    functions a CPU tensor reports the CUDA type name of its dtype.
 8. ``torch.autocast("cuda")`` in the schedules' ``forward_step``
    (``schedules.py:418``, only with ``config.enable_autocast``) autocasts on the CPU.
+9. Pipeline parallelism with tied embeddings: ``LanguageModule.setup_embeddings_and_output_layer``
+   moves the shared weight with ``.cuda()`` before all-reducing it over the embedding group
+   (``language_module.py:244``); inside exactly that method ``Tensor.cuda()`` keeps a CPU
+   tensor where it is.
 """
 from __future__ import annotations
 
@@ -214,9 +218,33 @@ def _with_cuda_type_names(fn):
     return wrapper
 
 
+@contextlib.contextmanager
+def _cuda_is_cpu():
+    """While active, ``Tensor.cuda()`` returns the tensor itself (CPU stays CPU)."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _patch_tied_embedding_setup():
+    module = _target("megatron.core.models.common.language_module.language_module", "LanguageModule")
+    cls = module.LanguageModule
+    original = cls.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        with _cuda_is_cpu():
+            return original(self, *args, **kwargs)
+
+    setup_embeddings_and_output_layer.__wrapped__ = original
+    cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 def _patch_device_factories():
     for name in ("megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.layers",
-                 "megatron.core.optimizer.optimizer",
+                 "megatron.core.optimizer.optimizer", "megatron.core.optimizer.grad_scaler",
                  "megatron.core.optimizer.clip_grads",
                  "megatron.core.optimizer.distrib_optimizer", "megatron.core.pipeline_parallel.schedules",
                  "megatron.core.pipeline_parallel.p2p_communication",
@@ -270,7 +298,8 @@ def enable_cpu_runtime() -> bool:
         return False
     if not _APPLIED:
         for patch in (_patch_rng_tracker, _patch_current_device, _patch_causal_mask, _patch_cp_rope_slicing,
-                      _patch_recompute_rng_state, _patch_device_factories, _patch_type_names):
+                      _patch_recompute_rng_state, _patch_device_factories, _patch_type_names,
+                      _patch_tied_embedding_setup):
             patch()
         _APPLIED.append(True)
     return True

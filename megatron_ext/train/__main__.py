@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; needs no GPUs")
     ap.add_argument("--world-size", type=int, default=None, help="with --dry-run: the planned number of GPUs")
+    ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="with --dry-run: memory per GPU")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -36,8 +37,9 @@ def main(argv=None) -> int:
     if args.dry_run:
         from .dryrun import dry_run
 
-        print(dry_run(cfg, world, cfg.model.vocab_size or 65536))
-        return 0
+        report, fits = dry_run(cfg, world, gpu_memory_gib=args.gpu_memory_gib)
+        print(report)
+        return 0 if fits else 1
     return _run(cfg)
 
 

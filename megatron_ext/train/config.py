@@ -20,7 +20,9 @@ class ParallelConfig:
     sequence_parallel: Optional[bool] = None
     """Megatron sequence parallelism inside TP (norm/dropout activations split by TP); unset: on when TP > 1."""
     pipeline_model_parallel_size: int = 1
-    """PP degree (only 1 is supported)."""
+    """PP degree: megatron-core's 1F1B schedule over layer stages; must divide model.num_layers."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved (virtual) pipeline stages per rank; not supported yet (unset or 1)."""
     context_parallel_size: int = 1
     """CP degree: ranks that share one sequence."""
     cp_comm_type: str = "p2p"
@@ -308,8 +310,12 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     p = cfg.parallel
     if cfg.stage not in ("pretrain", "sft", "long_sft"):
         raise ValueError(f"stage {cfg.stage!r} is not one of pretrain, sft, long_sft")
-    if p.pipeline_model_parallel_size != 1:
-        raise ValueError("pipeline_model_parallel_size must be 1 (pipeline parallelism is not supported yet)")
+    if p.pipeline_model_parallel_size < 1 or cfg.model.num_layers % p.pipeline_model_parallel_size:
+        raise ValueError(f"parallel.pipeline_model_parallel_size {p.pipeline_model_parallel_size} must divide "
+                         f"model.num_layers {cfg.model.num_layers}")
+    if (p.virtual_pipeline_model_parallel_size or 1) != 1:
+        raise ValueError("parallel.virtual_pipeline_model_parallel_size > 1 (interleaved pipeline) is not supported "
+                         "yet; leave it unset")
     _check_heads(cfg)
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     if world_size % model_parallel:
@@ -325,8 +331,12 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision {cfg.precision!r} is not auto, fp32 or bf16")
     mode = packing_mode(cfg)
-    if (mode == "sft" or cfg.data.document_masks) and cfg.optim.micro_batch_size != 1:
-        key = "data.packing=sft" if mode == "sft" else "data.document_masks=true"
+    key = "data.packing=sft" if mode == "sft" else "data.document_masks=true" if cfg.data.document_masks else ""
+    if key and cfg.optim.micro_batch_size != 1:
         raise ValueError(f"optim.micro_batch_size must be 1 with {key} (a packed sequence goes through the thd "
                          f"path alone; raise global_batch_size instead), got {cfg.optim.micro_batch_size}")
+    if key and p.pipeline_model_parallel_size != 1:  # stages exchange fixed shapes; packed shards vary in length
+        raise ValueError(f"parallel.pipeline_model_parallel_size must be 1 with {key} (packed sequences through a "
+                         f"pipeline are not supported yet), got {p.pipeline_model_parallel_size}; or set "
+                         f"data.packing=none")
     return {"dp": dp, "grad_accum": cfg.optim.global_batch_size // per_step}

@@ -1,49 +1,37 @@
-"""``--dry-run``: validate a config without GPUs and print the layout, the
-parameter count and an activation-memory estimate per GPU."""
+"""``--dry-run``: validate a config without GPUs and print, per GPU, each part of
+its memory from the planner's model (megatron_ext.plan: one model, not two)."""
 from __future__ import annotations
 
+from typing import Tuple
+
+from ..plan.model import model_shape, parameter_count
+from ..plan.planner import config_layout, evaluate, memory_lines, run_shape
+from ..plan.time import hardware
 from .config import TrainConfig, validate
 
 
-def parameter_count(cfg: TrainConfig, vocab_size: int) -> int:
-    """GPT with GQA; SwiGLU has three ffn matrices; norms included, biases ignored."""
-    m = cfg.model
-    h, kv = m.hidden_size, m.hidden_size // m.num_attention_heads * m.num_query_groups
-    mlp = (3 if m.swiglu else 2) * h * m.ffn_hidden_size
-    per_layer = h * (h + 2 * kv) + h * h + mlp + 4 * h
-    embeddings = (2 if m.untie_embeddings else 1) * vocab_size * h
-    return m.num_layers * per_layer + embeddings + 2 * h
-
-
-def activation_bytes_per_gpu(cfg: TrainConfig) -> float:
-    """Korthikanti et al. (2022) per layer, without the s*s attention term (flash
-    attention keeps none): 34 * s * b * h bytes at 16-bit, split by TP * CP; with
-    full recomputation only each layer's 16-bit input is kept: 2 * s * b * h."""
-    m, p = cfg.model, cfg.parallel
-    sbh = cfg.data.seq_length * cfg.optim.micro_batch_size * m.hidden_size
-    per_layer = (2 if cfg.recompute else 34) * sbh / (p.tensor_model_parallel_size * p.context_parallel_size)
-    return per_layer * m.num_layers / p.pipeline_model_parallel_size
-
-
-def dry_run(cfg: TrainConfig, world_size: int, vocab_size: int) -> str:
+def dry_run(cfg: TrainConfig, world_size: int, vocab_size: int = 0, gpu_memory_gib: float = 80.0,
+            gpu: str = "H100", gpus_per_node: int = 8) -> Tuple[str, bool]:
+    """(report, fits): the layout, parameters and memory parts per GPU; the report's last
+    line is ``memory per GPU: X GiB of B GiB: fits`` (or ``: does not fit``)."""
     sizes = validate(cfg, world_size)
     p = cfg.parallel
-    n = parameter_count(cfg, vocab_size)
-    act = activation_bytes_per_gpu(cfg)
-    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-    state = n * (2 + 4 + 4 + 4) / model_parallel
-    zero1 = n * (2 + 4 + 12 / sizes["dp"]) / model_parallel
+    shape, run = model_shape(cfg, vocab_size), run_shape(cfg)
+    lay = config_layout(cfg, world_size)
+    ev = evaluate(shape, run, lay, hardware(gpu, {}), gpus_per_node, gpu_memory_gib)
+    rope = cfg.model.rope
     lines = [
-        f"dry run: stage={cfg.stage} world={world_size}: TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size} "
-        f"CP={p.context_parallel_size} ({p.cp_comm_type}) DP={sizes['dp']} grad_accum={sizes['grad_accum']}",
-        f"  sequence {cfg.data.seq_length} tokens -> {cfg.data.seq_length // p.context_parallel_size} per CP rank; "
-        f"rope {cfg.model.rope.scaling} (base {cfg.model.rope.base:g}"
-        + (f", abf_base {cfg.model.rope.abf_base:g}" if cfg.model.rope.scaling == "abf" else "") + ")",
-        f"  parameters: {n / 1e9:.2f} B ({n:,}); weights+grads+Adam per GPU: {state / 2**30:.1f} GiB "
-        f"(bf16 weights, fp32 grads/master/m/v), {zero1 / 2**30:.1f} GiB with the optimizer state sharded over DP",
-        f"  activations: {act / 2**30:.1f} GiB per GPU ({'full recompute' if cfg.recompute else 'no recompute'}, "
-        f"micro batch {cfg.optim.micro_batch_size})",
+        f"dry run: stage={cfg.stage} world={world_size}: TP={lay.tp} (sequence parallel "
+        f"{'on' if run.sequence_parallel and lay.tp > 1 else 'off'}) PP={lay.pp} CP={lay.cp} ({p.cp_comm_type}) "
+        f"DP={sizes['dp']} grad_accum={sizes['grad_accum']}",
+        f"  sequence {run.seq_length} tokens -> {run.seq_length // lay.cp} per CP rank; rope {rope.scaling} "
+        f"(base {rope.base:g}" + (f", abf_base {rope.abf_base:g}" if rope.scaling == "abf" else "") + ")",
+        f"  parameters: {parameter_count(shape) / 1e9:.2f} B; {'bf16 params, fp32 grads and main params' if run.bf16 else 'fp32'}; "
+        f"distributed optimizer {'on (sharded over DP x CP = ' + str(lay.dp * lay.cp) + ')' if run.distributed_optimizer else 'off'}; "
+        f"{'full recompute' if lay.recompute else 'no recompute'}, micro batch {lay.micro_batch}",
     ]
+    lines += memory_lines(ev)
     if cfg.expected:
         lines.append(f"  expect: {cfg.expected.strip()}")
-    return "\n".join(lines)
+    lines.append(f"memory per GPU: {ev.gib:.1f} GiB of {gpu_memory_gib:g} GiB: {'fits' if ev.fits else 'does not fit'}")
+    return "\n".join(lines), ev.fits

@@ -134,15 +134,18 @@ class Trainer:
 
         ps = self.ps
         shards = [self._shard(mb) for mb in micro_batches]
-        # packed shards differ in length (pads per document); no pipeline stage reads seq_length
-        s_local, mbs = shards[0]["tokens"].shape[1], shards[0]["tokens"].shape[0]
+        # seq_length: the global one; the schedule divides by CP (and TP with SP). Packed
+        # shards differ in length (pads per document), so packing needs PP = 1 (validate()).
         out = get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iter(shards), model=self.model,
-            num_microbatches=len(shards), seq_length=s_local, micro_batch_size=mbs, forward_only=forward_only)
+            num_microbatches=len(shards), seq_length=self.cfg.data.seq_length,
+            micro_batch_size=shards[0]["tokens"].shape[0], forward_only=forward_only)
         totals = collective_tensor([0.0, 0.0], torch.float64, ps.get_data_parallel_group(with_context_parallel=True))
         for record in out:
             totals += record["lm loss"].to(totals)
         dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if ps.get_pipeline_model_parallel_world_size() > 1:  # only the last stage has losses; the others hold zeros
+            dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
         loss_sum, tokens = totals.tolist()
         return loss_sum / max(tokens, 1.0), tokens
 

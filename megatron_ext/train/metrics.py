@@ -6,25 +6,9 @@ import json
 import os
 import sys
 
+from ..plan.model import flops_per_token  # noqa: F401  (the one formula; loop.py imports it from here)
 from ..sysinfo import peak_rss_bytes
 from .config import to_dict
-
-
-def flops_per_token(cfg, vocab_size: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward):
-
-        3 * [2 * L * (attn_proj + mlp) + 2 * h * V + 2 * L * S * h]
-
-    attn_proj = h*(h + 2*kv) + h*h (QKV and output), mlp = 2*h*ffn (fc1/fc2, no
-    gated linear unit), the logit layer, and causal attention scores/values at an
-    average of S/2 keys per query (QK^T and AV: 2 * 2 * h * S/2). Recomputation
-    adds one more forward, which this figure does not count (it is model FLOPs).
-    """
-    m, s = cfg.model, cfg.data.seq_length
-    h, layers = m.hidden_size, m.num_layers
-    kv = h // m.num_attention_heads * m.num_query_groups
-    dense = h * (h + 2 * kv) + h * h + 2 * h * m.ffn_hidden_size
-    return 3.0 * (2 * layers * dense + 2 * h * vocab_size + 2 * layers * s * h)
 
 
 class MetricsLogger:

@@ -31,6 +31,7 @@ def transformer_config(cfg: TrainConfig):
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
         init_method_std=m.init_method_std, attention_dropout=0.0, hidden_dropout=0.0,
         tensor_model_parallel_size=p.tensor_model_parallel_size, sequence_parallel=sequence_parallel(cfg),
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         context_parallel_size=p.context_parallel_size,
         cp_comm_type=p.cp_comm_type if p.context_parallel_size > 1 else None,
         softmax_scale=attention_scale_factor(m.rope) / math.sqrt(kv),
@@ -63,12 +64,17 @@ def build_model(cfg: TrainConfig, vocab_size: int):
     from ..megatron.model import build_gpt_model
     from ..megatron.specs import get_gpt_layer_cp_spec
 
+    from megatron.core import parallel_state
+
     m = cfg.model
     model_parallel_cuda_manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    # this pipeline stage's layers; the first stage embeds, the last one has the output layer and loss
     model = build_gpt_model(transformer_config(cfg), vocab_size=vocab_size, max_sequence_length=cfg.data.seq_length,
                             rope=m.rope, layer_spec=get_gpt_layer_cp_spec(normalization=m.normalization),
-                            share_embeddings_and_output_weights=not m.untie_embeddings)
+                            share_embeddings_and_output_weights=not m.untie_embeddings,
+                            pre_process=parallel_state.is_pipeline_first_stage(),
+                            post_process=parallel_state.is_pipeline_last_stage())
     return (model.cuda() if torch.cuda.is_available() else model), use_bf16(cfg)
 
 
@@ -102,6 +108,7 @@ def init_model_parallel(cfg: TrainConfig):
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size, context_parallel_size=p.context_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         hierarchical_context_parallel_sizes=[p.ulysses_size, p.context_parallel_size // p.ulysses_size]
         if p.cp_comm_type == "a2a+p2p" else None)
     return parallel_state
