@@ -179,13 +179,13 @@ class Trainer:
         return loss, math.exp(min(loss, 20.0))
 
     # -- the loop ---------------------------------------------------------------------------
-    def _data(self, log):
+    def _data(self, log=None):
         cfg, o = self.cfg, self.cfg.optim
         cache = cfg.data.cache_dir or os.path.join(cfg.checkpoint.save_dir, "data_cache")
         mode = packing_mode(cfg)
         train_ds, valid_ds = build_datasets(cfg.data, self.tokenizer, cache, valid_samples=self._valid_samples(),
                                             packing=mode)
-        if mode == "sft":
+        if mode == "sft" and log is not None:
             log.info(train_ds.summary())  # the fill rate, once
         dp_rank, dp = self.ps.get_data_parallel_rank(), self.sizes["dp"]
         train = sample_batches(train_ds, self.state.consumed_samples, o.micro_batch_size, dp_rank, dp,
