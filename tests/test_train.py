@@ -105,11 +105,11 @@ def test_three_stages_and_exact_resume(data, tmp_path):
     assert losses(full)[-1]["loss"] < losses(full)[0]["loss"]
     sft = str(tmp_path / "sft")
     res = train(data, sft, config="tiny_cpu_sft.yaml", prefix="sft",
-                extra=["optim.train_iters=3", f"checkpoint.init_from={full}", "data.seq_length=256"])
+                extra=["optim.train_iters=3", f"checkpoint.init_from={full}", "data.seq_length=512"])
     assert res.returncode == 0 and "initialised weights from" in res.stdout, res.stderr[-2000:]
     long_sft = str(tmp_path / "long_sft")
     res = train(data, long_sft, config="tiny_cpu_long_sft.yaml", prefix="sft",
-                extra=["optim.train_iters=2", f"checkpoint.init_from={sft}", "data.seq_length=512"])
+                extra=["optim.train_iters=2", f"checkpoint.init_from={sft}", "data.seq_length=1024"])
     assert res.returncode == 0 and "initialised weights from" in res.stdout, res.stderr[-2000:]
     assert all(r["loss"] == r["loss"] for r in losses(sft) + losses(long_sft))
 
@@ -184,3 +184,61 @@ def test_torchrun_restart_resumes_after_a_killed_rank(data, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out and complete_steps(save) == [6, 8]  # keep_last=2 pruned the older ones
+
+
+SFT_SCRATCH = ["checkpoint.init_from=''", "checkpoint.save_interval=10", "precision=fp32"]
+
+
+def test_sft_packing_cp2_dp2_matches_one_process_and_logs_fill_rate(data, tmp_path):
+    # SynL examples of 346-405 tokens: two whole examples per 768-token sample
+    runs = {}
+    for name, nproc, cp in (("one", 1, 1), ("cp2dp2", 4, 2)):
+        save = str(tmp_path / name)
+        res = train(data, save, nproc=nproc, config="tiny_cpu_sft.yaml", prefix="sft",
+                    extra=SFT_SCRATCH + ["optim.train_iters=3", "data.seq_length=768",
+                                         f"parallel.context_parallel_size={cp}"])
+        assert res.returncode == 0, res.stderr[-2000:]
+        fill = re.search(r"packing=sft: (\d+) examples in (\d+) samples of 768 tokens, fill rate (0\.\d+) "
+                         r"\(real tokens / seq_length\)", res.stdout)
+        assert fill and int(fill[1]) > int(fill[2]) and float(fill[3]) > 0.8, res.stdout[-2000:]
+        runs[name] = [r["loss"] for r in losses(save)]
+    a, b = runs["one"], runs["cp2dp2"]
+    assert len(a) == len(b) == 3 and all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), runs
+
+
+def test_sft_packing_overlong_example_is_named_unless_dropped(data, tmp_path):
+    from data_tools.indexed import read_index
+
+    lengths = read_index(data["sft"] + "_text_document").lengths.tolist()
+    first = next(i for i, n in enumerate(lengths) if n > 384)
+    sets = SFT_SCRATCH + ["optim.train_iters=1", "data.seq_length=384", "parallel.context_parallel_size=1",
+                          "model.num_layers=1"]
+    res = train(data, str(tmp_path / "a"), nproc=1, config="tiny_cpu_sft.yaml", prefix="sft", extra=sets)
+    assert res.returncode != 0 and f"example {first} has {lengths[first]} tokens, more than seq_length=384" \
+        in res.stderr, res.stderr[-2000:]
+    res = train(data, str(tmp_path / "b"), nproc=1, config="tiny_cpu_sft.yaml", prefix="sft",
+                extra=sets + ["data.drop_overlong=true"])
+    assert res.returncode == 0 and re.search(r"fill rate 0\.\d+ .*, [1-9]\d* overlong dropped", res.stdout), \
+        res.stderr[-2000:]
+
+
+def test_packing_needs_micro_batch_size_one_and_no_pipeline():
+    for override, text in (("optim.micro_batch_size=2", "optim.micro_batch_size must be 1 with data.packing=sft"),
+                           ("parallel.pipeline_model_parallel_size=2", "pipeline_model_parallel_size must be 1 with "
+                                                                       "data.packing=sft")):
+        res = subprocess.run([sys.executable, "-m", "megatron_ext.train", "--config",
+                              os.path.join(REPO, "launch/configs/tiny_cpu_sft.yaml"), "--set", override,
+                              "--dry-run", "--world-size", "4"], capture_output=True, text=True)
+        assert res.returncode == 2 and text in res.stderr, res.stderr
+
+
+def test_document_masks_change_pretraining_loss(data, tmp_path):
+    runs = {}
+    for flag in ("false", "true"):
+        save = str(tmp_path / flag)
+        res = train(data, save, nproc=2, extra=["optim.train_iters=1", "model.num_layers=1",
+                                                f"data.document_masks={flag}"])
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs[flag] = losses(save)[0]["loss"]
+    # the same tokens, but with attention cut at EODs (and no loss on each EOD's next-document label)
+    assert runs["true"] == runs["true"] and runs["true"] != runs["false"], runs

@@ -50,6 +50,7 @@ def _run(cfg) -> int:
 
     init_distributed_from_env()
     from .loop import Trainer
+    from .packing import OverlongExampleError
 
     try:
         trainer = Trainer(cfg)
@@ -59,6 +60,10 @@ def _run(cfg) -> int:
         if dist.get_rank() == 0:
             print(f"[{cfg.stage}] {note}", flush=True)
         return trainer.train()
+    except OverlongExampleError as err:  # every rank reads the same data and stops here
+        if dist.get_rank() == 0:
+            print(f"train: data error: {err}", file=sys.stderr, flush=True)
+        return 2
     finally:
         dist.destroy_process_group()
 

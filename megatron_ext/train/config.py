@@ -330,5 +330,13 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
                          f"micro_batch_size x DP = {per_step}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision {cfg.precision!r} is not auto, fp32 or bf16")
-    packing_mode(cfg)
+    mode = packing_mode(cfg)
+    key = "data.packing=sft" if mode == "sft" else "data.document_masks=true" if cfg.data.document_masks else ""
+    if key and cfg.optim.micro_batch_size != 1:
+        raise ValueError(f"optim.micro_batch_size must be 1 with {key} (a packed sequence goes through the thd "
+                         f"path alone; raise global_batch_size instead), got {cfg.optim.micro_batch_size}")
+    if key and p.pipeline_model_parallel_size != 1:  # stages exchange fixed shapes; packed shards vary in length
+        raise ValueError(f"parallel.pipeline_model_parallel_size must be 1 with {key} (packed sequences through a "
+                         f"pipeline are not supported yet), got {p.pipeline_model_parallel_size}; or set "
+                         f"data.packing=none")
     return {"dp": dp, "grad_accum": cfg.optim.global_batch_size // per_step}

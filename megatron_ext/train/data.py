@@ -12,6 +12,10 @@ one epoch of its data (a weighted blend for a fixed size derived from the data),
 and a run longer than an epoch walks the same order again. So the first N samples
 are the same whatever the run length, and a resumed run with more iterations
 continues where it stopped.
+
+``data.packing: sft`` packs whole SFT examples instead (:mod:`.packing`), and
+``data.document_masks`` adds each pretraining sample's EOD document lengths; both
+give samples a ``doc_lengths`` entry, which the trainer shards the ``thd`` way.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import numpy as np
 import torch
 
 from data_tools.common import load_tokenizer
+
+from .packing import PackedSftDataset, eod_document_lengths
 
 
 class TrainTokenizer:
@@ -64,10 +70,41 @@ def _epoch_samples(prefixes: List[str], seq_length: int, split: str) -> List[Opt
     return [max(1, int(tokens * part / sum(parts)) // seq_length) if part > 0 else None for part in parts]
 
 
-def build_datasets(cfg, tokenizer, cache_dir: str, valid_samples: int = 0):
+def _split_examples(n: int, split: str) -> List[range]:
+    """The train and valid example ranges of ``n`` examples by ``data.split`` shares."""
+    parts = ([float(x) for x in split.replace("/", ",").split(",")] + [0.0, 0.0])[:3]
+    ends = [int(round(n * x / sum(parts))) for x in np.cumsum([0.0] + parts)]
+    return [range(ends[0], ends[1]), range(ends[1], ends[2])]
+
+
+def build_packed_datasets(cfg, valid_samples: int = 0, pad_token: int = 0):
+    """(train, valid or None) for ``data.packing: sft``: :class:`PackedSftDataset` over the
+    train and valid shares (``cfg.split``) of the examples of ``cfg.blend``'s one prefix."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefixes, _ = _blend(cfg.blend, "_text_document")
+    _blend(cfg.blend, "_loss_mask_document")
+    if len(prefixes) != 1:
+        raise ValueError(f"data.packing=sft packs one SFT prefix, data.blend names {len(prefixes)}: merge them "
+                         f"when preprocessing, or set data.packing=none")
+    prefix = str(cfg.blend[1])
+    ranges = _split_examples(len(IndexedDataset(prefixes[0]).sequence_lengths), cfg.split)
+
+    def build(examples):
+        return PackedSftDataset(prefix, cfg.seq_length, cfg.seed, cfg.drop_overlong, pad_token, examples)
+
+    train = build(ranges[0])
+    if valid_samples and not len(ranges[1]):
+        raise ValueError(f"logging.eval_iters > 0 needs a valid share in data.split (got {cfg.split!r})")
+    return train, build(ranges[1]) if valid_samples else None
+
+
+def build_datasets(cfg, tokenizer, cache_dir: str, valid_samples: int = 0, packing: str = "none"):
     """(train, valid or None): :class:`Samples` over ``cfg.blend`` (and its loss masks
-    when ``cfg.sft``). The valid split exists when ``cfg.split`` gives it a share and
-    ``valid_samples`` > 0."""
+    when ``cfg.sft``), or with ``packing == "sft"`` :func:`build_packed_datasets`. The valid
+    split exists when ``cfg.split`` gives it a share and ``valid_samples`` > 0."""
+    if packing == "sft":
+        return build_packed_datasets(cfg, valid_samples)
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -89,10 +126,11 @@ def build_datasets(cfg, tokenizer, cache_dir: str, valid_samples: int = 0):
 
     text = build("_text_document")
     mask = build("_loss_mask_document") if cfg.sft else [None, None, None]
-    train = Samples(text[0], mask[0], "train")
+    eod = tokenizer.eod if cfg.document_masks else None
+    train = Samples(text[0], mask[0], "train", eod)
     if valid_samples and (text[1] is None or len(text[1]) == 0):
         raise ValueError(f"logging.eval_iters > 0 needs a valid share in data.split (got {cfg.split!r})")
-    valid = Samples(text[1], mask[1], "valid") if valid_samples else None
+    valid = Samples(text[1], mask[1], "valid", eod) if valid_samples else None
     return train, valid
 
 
@@ -106,12 +144,13 @@ def _raw_sample(dataset, index: int) -> np.ndarray:
 class Samples:
     """Sample i of a split as [S] tensors: tokens, labels, loss_mask, position_ids; the
     SFT mask multiplies the loss mask at the label positions. Index i wraps around
-    the epoch."""
+    the epoch. With ``eod`` (``data.document_masks``) a sample also has ``doc_lengths``,
+    its documents split after each EOD token."""
 
-    def __init__(self, text, mask, name: str):
+    def __init__(self, text, mask, name: str, eod: Optional[int] = None):
         if text is None or len(text) == 0:
             raise ValueError(f"the {name} split has no samples: check data.split and data.blend")
-        self.text, self.mask, self.name = text, mask, name
+        self.text, self.mask, self.name, self.eod = text, mask, name, eod
 
     def __len__(self) -> int:
         return len(self.text)
@@ -123,12 +162,15 @@ class Samples:
         if self.mask is not None:
             values = torch.from_numpy(np.asarray(_raw_sample(self.mask, i)[1:], dtype=np.float32))
             out["loss_mask"] = out["loss_mask"] * values.to(out["loss_mask"].dtype)
+        if self.eod is not None:
+            out["doc_lengths"] = eod_document_lengths(out["tokens"], self.eod)
         return out
 
 
 def sample_batches(samples: Samples, start_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                    grad_accum: int) -> Iterator[List[Dict[str, torch.Tensor]]]:
-    """Per optimizer step, this DP rank's micro-batches ([mbs, S] tensors).
+    """Per optimizer step, this DP rank's micro-batches ([mbs, S] tensors; ``doc_lengths``,
+    where samples have them, stays a list of mbs lists).
 
     Global sample ids are consecutive from ``start_sample``; step k takes
     global_batch = mbs * dp * accum of them, and DP rank r takes every dp-th
@@ -142,6 +184,7 @@ def sample_batches(samples: Samples, start_sample: int, micro_batch_size: int, d
         for a in range(grad_accum):
             first = base + (a * dp_size + dp_rank) * micro_batch_size
             items = [samples[i] for i in range(first, first + micro_batch_size)]
-            micro.append({k: torch.stack([it[k] for it in items]) for k in items[0]})
+            micro.append({k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k])
+                          else [it[k] for it in items] for k in items[0]})
         yield micro
         step += 1

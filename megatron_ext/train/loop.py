@@ -16,7 +16,7 @@ import yaml
 
 from ..distributed import collective_tensor
 from . import checkpoint as ckpt
-from .config import TrainConfig, to_dict, validate
+from .config import TrainConfig, packing_mode, to_dict, validate
 from .data import build_datasets, load_train_tokenizer, sample_batches
 from .metrics import MetricsLogger, flops_per_token
 from .model import build_model, init_model_parallel, unwrap, wrap_model
@@ -101,7 +101,8 @@ class Trainer:
     def _forward_step(self, data_iterator, model):
         """megatron-core forward_step_func: per-token losses and the loss function."""
         local = next(data_iterator)
-        per_token = model(local["tokens"], local["position_ids"], None, labels=local["labels"])
+        per_token = model(local["tokens"], local["position_ids"], None, labels=local["labels"],
+                          packed_seq_params=local.get("packed_seq_params"))
         return per_token, partial(self._loss_func, local["loss_mask"])
 
     def _loss_func(self, loss_mask, per_token):
@@ -112,17 +113,30 @@ class Trainer:
             loss_sum = loss_sum * float("nan")
         return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count.to(loss_sum.dtype)])}
 
+    def _shard(self, micro_batch) -> dict:
+        """This CP rank's part of a micro-batch ([mbs, S] -> [mbs, S / CP]). Packed samples
+        (``doc_lengths``, mbs 1) are padded and sharded per document, with the
+        PackedSeqParams (thd) the model needs."""
+        from ..megatron.batch import SEQUENCE_KEYS, get_batch_on_this_cp_rank, get_thd_batch_on_this_cp_rank
+
+        device = next(self.model[0].parameters()).device
+        cp_group = self.ps.get_context_parallel_group()
+        batch = {k: micro_batch[k].to(device) for k in SEQUENCE_KEYS if k in micro_batch}
+        if "doc_lengths" not in micro_batch:
+            return get_batch_on_this_cp_rank(batch, cp_group)
+        (doc_lengths,) = micro_batch["doc_lengths"]  # validate() keeps micro_batch_size at 1
+        local, params = get_thd_batch_on_this_cp_rank(batch, doc_lengths, cp_group)
+        return {**local, "packed_seq_params": params}
+
     def _run_schedule(self, micro_batches, forward_only: bool):
         """Run megatron-core's forward-backward schedule; returns (loss, tokens) over DP x CP."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from ..megatron.batch import get_batch_on_this_cp_rank
-
         ps = self.ps
-        device = next(self.model[0].parameters()).device
-        shards = [{k: v.to(device) for k, v in get_batch_on_this_cp_rank(mb, ps.get_context_parallel_group()).items()}
-                  for mb in micro_batches]
-        out = get_forward_backward_func()(  # seq_length: the global one; the schedule divides by CP (and TP with SP)
+        shards = [self._shard(mb) for mb in micro_batches]
+        # seq_length: the global one; the schedule divides by CP (and TP with SP). Packed
+        # shards differ in length (pads per document), so packing needs PP = 1 (validate()).
+        out = get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iter(shards), model=self.model,
             num_microbatches=len(shards), seq_length=self.cfg.data.seq_length,
             micro_batch_size=shards[0]["tokens"].shape[0], forward_only=forward_only)
@@ -165,10 +179,14 @@ class Trainer:
         return loss, math.exp(min(loss, 20.0))
 
     # -- the loop ---------------------------------------------------------------------------
-    def _data(self):
+    def _data(self, log=None):
         cfg, o = self.cfg, self.cfg.optim
         cache = cfg.data.cache_dir or os.path.join(cfg.checkpoint.save_dir, "data_cache")
-        train_ds, valid_ds = build_datasets(cfg.data, self.tokenizer, cache, valid_samples=self._valid_samples())
+        mode = packing_mode(cfg)
+        train_ds, valid_ds = build_datasets(cfg.data, self.tokenizer, cache, valid_samples=self._valid_samples(),
+                                            packing=mode)
+        if mode == "sft" and log is not None:
+            log.info(train_ds.summary())  # the fill rate, once
         dp_rank, dp = self.ps.get_data_parallel_rank(), self.sizes["dp"]
         train = sample_batches(train_ds, self.state.consumed_samples, o.micro_batch_size, dp_rank, dp,
                                self.sizes["grad_accum"])
@@ -187,8 +205,8 @@ class Trainer:
 
     def train(self) -> int:
         cfg, o = self.cfg, self.cfg.optim
-        batches, valid = self._data()
         log = MetricsLogger(cfg, self.rank, self.world, flops_per_token(cfg, self.vocab_size))
+        batches, valid = self._data(log)
         consecutive_bad = 0
         every = cfg.logging.eval_interval
         while self.state.iteration < o.train_iters:

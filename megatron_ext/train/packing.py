@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -103,13 +103,15 @@ def eod_document_lengths(tokens: torch.Tensor, eod: int) -> List[int]:
 class PackedSftDataset(torch.utils.data.Dataset):
     """Packed SFT samples from ``{prefix}_text_document`` + ``{prefix}_loss_mask_document``.
 
+    ``examples`` (a range of example indices, default all) is the split packed; errors and
+    ``dropped`` name examples by their index in the prefix.
     ``dataset[i]`` is :func:`pack_sample` of bin ``order[i % n_bins]``; each pass over the
     bins (epoch) has its own order, drawn from ``seed + epoch``. ``fill_rate`` is real
     tokens / (bins x seq_length); ``dropped`` lists skipped overlong example indices.
     """
 
     def __init__(self, prefix: str, seq_length: int, seed: int = 1234, drop_overlong: bool = False,
-                 pad_token: int = 0):
+                 pad_token: int = 0, examples: Optional[range] = None):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.text = IndexedDataset(f"{prefix}_text_document")
@@ -121,6 +123,9 @@ class PackedSftDataset(torch.utils.data.Dataset):
                 if len(lengths) == len(mask_lengths) else min(len(lengths), len(mask_lengths))
             raise ValueError(f"{prefix}: _text_document and _loss_mask_document differ at example {bad} "
                              f"({len(lengths)} vs {len(mask_lengths)} examples)")
+        if examples is not None:  # a split: the other examples get length 0, so indices stay global
+            keep = set(examples)
+            lengths = [n if i in keep else 0 for i, n in enumerate(lengths)]
         try:
             self.bins, self.dropped = first_fit_decreasing(lengths, seq_length, drop_overlong)
         except OverlongExampleError as err:
