@@ -59,7 +59,7 @@ def test_k8s_manifest_has_what_the_training_operator_needs():
 @pytest.mark.parametrize("args,text", [
     (["--nodes", "2", "--gpus-per-node", "6"], "does not divide the world size 12"),
     (["--nodes", "3", "--gpus-per-node", "8"], "multiple of micro_batch_size x DP = 3"),
-    (["--nodes", "1", "--gpus-per-node", "8", "--set", "data.seq_length=100004"], "must divide by 2 x CP = 16"),
+    (["--nodes", "1", "--gpus-per-node", "8", "--set", "data.seq_length=100004"], "must divide by 2 x CP = 8"),
     (["--nodes", "1", "--gpus-per-node", "8", "--partition", "a b"], "partition 'a b'"),
 ])
 def test_layout_errors_before_writing(args, text, tmp_path):
