@@ -192,18 +192,20 @@ SFT_SCRATCH = ["checkpoint.init_from=''", "checkpoint.save_interval=10", "precis
 def test_sft_packing_cp2_dp2_matches_one_process_and_logs_fill_rate(data, tmp_path):
     # SynL examples of 346-405 tokens: two whole examples per 768-token sample
     runs = {}
-    for name, nproc, cp in (("one", 1, 1), ("cp2dp2", 4, 2)):
-        save = str(tmp_path / name)
+    for name, nproc, cp, tp in (("one", 1, 1, 1), ("cp2dp2", 4, 2, 1), ("tp2cp2", 4, 2, 2)):
+        save = str(tmp_path / name)  # tp2cp2: sequence parallel, documents padded to 2 x CP x TP
         res = train(data, save, nproc=nproc, config="tiny_cpu_sft.yaml", prefix="sft",
                     extra=SFT_SCRATCH + ["optim.train_iters=3", "data.seq_length=768",
-                                         f"parallel.context_parallel_size={cp}"])
+                                         f"parallel.context_parallel_size={cp}",
+                                         f"parallel.tensor_model_parallel_size={tp}"])
         assert res.returncode == 0, res.stderr[-2000:]
         fill = re.search(r"packing=sft: (\d+) examples in (\d+) samples of 768 tokens, fill rate (0\.\d+) "
                          r"\(real tokens / seq_length\)", res.stdout)
         assert fill and int(fill[1]) > int(fill[2]) and float(fill[3]) > 0.8, res.stdout[-2000:]
         runs[name] = [r["loss"] for r in losses(save)]
-    a, b = runs["one"], runs["cp2dp2"]
-    assert len(a) == len(b) == 3 and all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), runs
+    for layout in ("cp2dp2", "tp2cp2"):
+        a, b = runs["one"], runs[layout]
+        assert len(a) == len(b) == 3 and all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), runs
 
 
 def test_sft_packing_overlong_example_is_named_unless_dropped(data, tmp_path):

@@ -49,18 +49,19 @@ def mask_document_ends(loss_mask: torch.Tensor, doc_lengths: Sequence[int]) -> t
 
 
 def get_thd_batch_on_this_cp_rank(batch: Dict[str, Optional[torch.Tensor]], doc_lengths: Sequence[int],
-                                  cp_group) -> Tuple[Dict[str, torch.Tensor], PackedSeqParams]:
+                                  cp_group, tp_size: int = 1) -> Tuple[Dict[str, torch.Tensor], PackedSeqParams]:
     """Pure-torch stand-in for megatron-core's TE-only ``get_thd_batch_on_this_cp_rank``.
 
     batch: ``SEQUENCE_KEYS`` entries [1, t] holding documents of ``doc_lengths`` back to
-    back (sum == t). Each document is padded to a multiple of 2P (pads: token 0, label 0,
-    loss 0), then sharded per document (``shard_packed``). Returns the local batch
+    back (sum == t). Each document is padded to a multiple of 2P x ``tp_size`` (pads: token
+    0, label 0, loss 0; x TP so that sequence parallelism can split the local tokens), then
+    sharded per document (``shard_packed``). Returns the local batch
     [1, t_pad / P] (position_ids restart per document; the loss is masked on pads and
     on each document's last token) and mcore's PackedSeqParams with global cu_seqlens.
     """
     rank, size = rank_and_size(cp_group)
     lengths = [int(n) for n in doc_lengths]
-    cu_pad = pad_packed_lengths(lengths, size)
+    cu_pad = pad_packed_lengths(lengths, size * tp_size)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     tokens = batch["tokens"]

@@ -339,8 +339,4 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
         raise ValueError(f"parallel.pipeline_model_parallel_size must be 1 with {key} (packed sequences through a "
                          f"pipeline are not supported yet), got {p.pipeline_model_parallel_size}; or set "
                          f"data.packing=none")
-    if key and p.tensor_model_parallel_size != 1:  # documents are padded to 2 x CP only; SP needs x TP too
-        raise ValueError(f"parallel.tensor_model_parallel_size must be 1 with {key} (packed sequences with tensor "
-                         f"parallelism are not supported yet), got {p.tensor_model_parallel_size}; or set "
-                         f"data.packing=none")
     return {"dp": dp, "grad_accum": cfg.optim.global_batch_size // per_step}
