@@ -21,6 +21,7 @@ setup(
         "pyyaml",
         "einops",  # megatron-core needs it for hierarchical CP groups (a2a+p2p)
         "orjson",  # 3x faster JSON parsing in data_tools.preprocess
+        "psutil",  # megatron-core dist_checkpointing imports it when saving
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
