@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench experiment clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ test: install
 
 demo: install
 	$(PY) -m megatron_ext.demo
+
+# Mini-LongSkywork (about 70 min on 2 cores): runs/mini/report.md and results.json; resumable.
+experiment: install
+	$(PY) -m megatron_ext.experiments.mini_longskywork --out runs/mini $(if $(wildcard runs/mini/experiment.json),--resume,)
 
 bench: install
 	MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m bench.ring_attention

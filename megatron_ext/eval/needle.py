@@ -108,9 +108,14 @@ def make_plan(args) -> Plan:
 
 def make_cell(plan: Plan, sp, length: int, depth: float) -> dict:
     """The cell's prompt and answer tokens; the same on every run (seeded by the cell)."""
-    rng = random.Random(f"{plan.args.seed}:{plan.args.kind}:{length}:{depth}")
-    sample = needle_sample(plan.haystack, plan.args.kind, length - ANSWER_BUDGET, depth,
-                           lambda text: len(sp.encode(text)), rng)
+    return cell_prompt(plan.haystack, plan.args.kind, plan.args.seed, sp, length, depth)
+
+
+def cell_prompt(haystack: str, kind: str, seed: int, sp, length: int, depth: float) -> dict:
+    """One passkey/needle prompt of at most ``length - ANSWER_BUDGET`` tokens: {"sample",
+    "prompt_ids", "answer_ids"}; seeded by (seed, kind, length, depth)."""
+    rng = random.Random(f"{seed}:{kind}:{length}:{depth}")
+    sample = needle_sample(haystack, kind, length - ANSWER_BUDGET, depth, lambda text: len(sp.encode(text)), rng)
     return {"sample": sample, "prompt_ids": sp.encode(sample["prompt"]), "answer_ids": sp.encode(sample["response"])}
 
 

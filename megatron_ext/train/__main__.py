@@ -14,7 +14,7 @@ import warnings
 
 import yaml
 
-from .config import load_config, to_dict, validate
+from .config import load_config, validate
 
 
 def main(argv=None) -> int:
@@ -49,24 +49,12 @@ def _run(cfg) -> int:
     from ..distributed import init_distributed_from_env
 
     init_distributed_from_env()
-    from .loop import Trainer
-    from .packing import OverlongExampleError
+    from .loop import run_stage
 
     try:
-        trainer = Trainer(cfg)
-        if dist.get_rank() == 0:
-            print(f"[{cfg.stage}] config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
-        note = trainer.restore()
-        if dist.get_rank() == 0:
-            print(f"[{cfg.stage}] {note}", flush=True)
-        return trainer.train()
-    except OverlongExampleError as err:  # every rank reads the same data and stops here
-        if dist.get_rank() == 0:
-            print(f"train: data error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return run_stage(cfg)
     finally:
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

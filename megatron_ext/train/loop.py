@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -238,6 +239,26 @@ class Trainer:
             self._validate(valid, log)
         log.close()
         return 0
+
+
+def run_stage(cfg: TrainConfig) -> int:
+    """One stage on every rank of an initialised world: build, restore (resume or
+    init_from), train. Returns the exit code (2: an overlong SFT example). Several
+    stages may run one after another in one process (megatron_ext.experiments)."""
+    from .packing import OverlongExampleError
+
+    try:
+        trainer = Trainer(cfg)
+        if dist.get_rank() == 0:
+            print(f"[{cfg.stage}] config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
+        note = trainer.restore()
+        if dist.get_rank() == 0:
+            print(f"[{cfg.stage}] {note}", flush=True)
+        return trainer.train()
+    except OverlongExampleError as err:  # every rank reads the same data and stops here
+        if dist.get_rank() == 0:
+            print(f"train: data error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
 def model_of(trainer: Trainer):

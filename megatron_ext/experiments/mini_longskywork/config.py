@@ -1,0 +1,80 @@
+"""Sizes of the Mini-LongSkywork experiment: the full run and the toy smoke run."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+
+@dataclass
+class StageSize:
+    """How long one training stage runs."""
+
+    iters: int
+    """Training iterations."""
+    global_batch: int
+    """Sequences per iteration (micro-batch 1)."""
+    lr: float
+    """Peak learning rate (cosine to lr / 10 after warmup)."""
+    warmup: int
+    """Warmup iterations."""
+
+
+@dataclass
+class ExperimentConfig:
+    """Every size the experiment uses; the report states each one."""
+
+    l0: int = 512
+    """Short context of the base model."""
+    l1: int = 4096
+    """Long context after extension (8 x L0)."""
+    num_layers: int = 4
+    """Transformer layers."""
+    hidden_size: int = 256
+    """Model width."""
+    num_attention_heads: int = 4
+    """Attention heads (MHA: one K/V head per query head)."""
+    vocab_size: int = 4000
+    """sentencepiece vocabulary trained on the training documents."""
+    rope_base: float = 10000.0
+    """RoPE base of the base model."""
+    abf_base: float = 500000.0
+    """RoPE ABF base from continual pretraining on (and applied to ``base`` at evaluation)."""
+    train_docs: int = 900
+    """Corpus documents used for training (pretraining, CIP, concat)."""
+    haystack_docs: int = 40
+    """Corpus documents held out for the needle haystack; never trained on."""
+    base: StageSize = field(default_factory=lambda: StageSize(600, 8, 1e-3, 30))
+    """Pretraining at L0 from random weights (data-parallel over 2 ranks)."""
+    cpt: StageSize = field(default_factory=lambda: StageSize(120, 2, 3e-4, 10))
+    """Continual pretraining at L1 with RoPE ABF (CP=2 ring)."""
+    sft: StageSize = field(default_factory=lambda: StageSize(150, 8, 3e-4, 10))
+    """SFT on short examples at L0 (packed)."""
+    long_sft: StageSize = field(default_factory=lambda: StageSize(200, 2, 2e-4, 5))
+    """Long SFT at L1 (packed, CP=2 ring): exactly 200 iterations in the full run."""
+    sft_targets: Tuple[int, ...] = (192, 256, 320, 448)
+    """Token sizes of the short SFT examples (SynL tables small enough for L0)."""
+    sft_examples: int = 600
+    """Short SFT examples (SynL tables) for the SFT stage and the packed long-SFT share."""
+    long_synl_examples: int = 400
+    """Long SynL examples near L1 for long SFT."""
+    eval_lengths: List[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])
+    """Evaluation context lengths: L0/2, L0, 2 L0, 4 L0, L1."""
+    eval_depths: str = "0:95:5"
+    """Needle depths (percent): one passkey and one needle prompt each, per length."""
+    synl_eval_samples: int = 20
+    """Held-out SynL prompts per length (seeds never used in training)."""
+    threads_per_rank: int = 1
+    """OMP threads per rank (2 ranks on 2 cores)."""
+
+    def sizes(self) -> Dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def toy_config() -> ExperimentConfig:
+    """The smoke test's sizes: every arm, 2 iterations per stage, one eval length."""
+    two = StageSize(2, 2, 1e-3, 0)
+    return ExperimentConfig(l0=384, l1=768, num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=1000,
+                            train_docs=40, haystack_docs=4, base=two, cpt=two, sft=two, long_sft=two,
+                            sft_targets=(300,), sft_examples=8, long_synl_examples=4, eval_lengths=[384],
+                            eval_depths="0,50", synl_eval_samples=2)

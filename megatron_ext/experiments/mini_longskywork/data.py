@@ -1,0 +1,104 @@
+"""The experiment's data, built with the real tools (data_tools CLIs), each product once.
+
+Training documents and the needle haystack are disjoint slices of one corpus (the
+demo's: Debian changelogs, or Python's docs on a slim image). The passkey filler,
+the needle sentence and the evaluation questions never appear in any training file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, List
+
+from data_tools.common import atomic_write
+
+from ...demo import corpus
+from .config import ExperimentConfig
+
+
+def tool(*args: str) -> str:
+    """Run ``python -m <args>``; raise with its stderr tail on failure."""
+    res = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"{' '.join(args[:2])} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    return res.stdout
+
+
+def _split_corpus(cfg: ExperimentConfig, root: str) -> str:
+    """docs.jsonl (training) and haystack.jsonl (held out); returns what the corpus is."""
+    every = f"{root}/corpus.jsonl"
+    what = corpus(every, max_docs=cfg.train_docs + cfg.haystack_docs)
+    lines = open(every).read().splitlines()
+    if len(lines) < 2 * cfg.haystack_docs:
+        raise RuntimeError(f"{every}: only {len(lines)} documents; the experiment needs more than "
+                           f"{2 * cfg.haystack_docs} (train + held-out haystack)")
+    # the haystack is every k-th document, so it is not one package family
+    step = max(2, len(lines) // cfg.haystack_docs)
+    held = set(range(0, len(lines), step)[:cfg.haystack_docs])
+    atomic_write(f"{root}/haystack.jsonl", ("\n".join(lines[i] for i in sorted(held)) + "\n").encode())
+    atomic_write(f"{root}/docs.jsonl", ("\n".join(x for i, x in enumerate(lines) if i not in held) + "\n").encode())
+    return f"{what}: {len(lines) - len(held)} for training, {len(held)} held out as the needle haystack"
+
+
+def _synl(tok: str, out: str, n: int, target: int, seed: int) -> None:
+    tool("data_tools.synth", "synl", "--output", out, "--num-samples", str(n), "--target-tokens", str(target),
+         "--tokenizer-model", tok, "--seed", str(seed))
+
+
+def _cat(out: str, parts: List[str]) -> None:
+    atomic_write(out, b"".join(open(p, "rb").read() for p in parts))
+
+
+def _sft_examples(cfg: ExperimentConfig, tok: str, d: str, name: str, seed: int) -> str:
+    """Short SynL examples at the sizes of ``cfg.sft_targets``, mixed in one file."""
+    parts = []
+    per = max(1, cfg.sft_examples // len(cfg.sft_targets))
+    for i, target in enumerate(cfg.sft_targets):
+        parts.append(f"{d}/{name}_{target}.jsonl")
+        _synl(tok, parts[-1], per, target, seed + i)
+    _cat(f"{d}/{name}.jsonl", parts)
+    return f"{d}/{name}.jsonl"
+
+
+def build(cfg: ExperimentConfig, root: str, log=print) -> Dict[str, str]:
+    """Every dataset prefix the stages read, keyed by name; skips what exists (resume)."""
+    d = f"{root}/data"
+    os.makedirs(d, exist_ok=True)
+    tok = f"{root}/tok.model"
+    done = f"{d}/DONE.json"
+    names = ("docs", "cip", "concat", "sft", "long_mix", "long_nosynl")
+    prefixes = {name: f"{d}/{name}" for name in names}
+    if os.path.exists(done):
+        return dict(prefixes, tokenizer=tok, haystack=f"{root}/haystack.jsonl")
+    setup = [f"Corpus: {_split_corpus(cfg, root)}."]
+    log(f"data: {setup[0]}")
+    tool("data_tools.tokenizer", "train", "--input", f"{root}/docs.jsonl", "--vocab-size", str(cfg.vocab_size),
+         "--output-prefix", f"{root}/tok")
+    n_cpt = cfg.cpt.iters * cfg.cpt.global_batch
+    for mode in ("cip", "concat"):  # the same documents, interleaved or whole
+        tool("data_tools.synth", "cip", "--input", f"{root}/docs.jsonl", "--output", f"{d}/{mode}.jsonl",
+             "--target-tokens", str(cfg.l1), "--tokenizer-model", tok, "--seed", "0", "--mode", mode,
+             "--num-samples", str(n_cpt), "--allow-reuse")
+    sft = _sft_examples(cfg, tok, d, "sft", seed=100)
+    other = _sft_examples(cfg, tok, d, "sft_long_share", seed=200)  # fresh tables for the long stage
+    _synl(tok, f"{d}/synl_long.jsonl", cfg.long_synl_examples, int(cfg.l1 * 0.95), seed=300)
+    _cat(f"{d}/long_mix.jsonl", [f"{d}/synl_long.jsonl", other])
+    _cat(f"{d}/long_nosynl.jsonl", [other])
+    jobs = [("docs", f"{root}/docs.jsonl", "--append-eod"), ("cip", f"{d}/cip.jsonl", "--append-eod"),
+            ("concat", f"{d}/concat.jsonl", "--append-eod"), ("sft", sft, "--sft"),
+            ("long_mix", f"{d}/long_mix.jsonl", "--sft"), ("long_nosynl", f"{d}/long_nosynl.jsonl", "--sft")]
+    for name, src, flag in jobs:
+        tool("data_tools.preprocess", "--input", src, "--output-prefix", prefixes[name], "--tokenizer-model", tok,
+             flag)
+    setup += [f"Tokenizer: sentencepiece BPE, {cfg.vocab_size} pieces, trained on the training documents only.",
+              f"Continual pretraining data: {n_cpt} samples of {cfg.l1} tokens, CIP (arm no-cip: the same "
+              f"documents concatenated whole), from the training documents.",
+              f"SFT data: short SynL tables of {list(cfg.sft_targets)} tokens, {cfg.sft_examples} examples.",
+              f"Long SFT data: {cfg.long_synl_examples} SynL tables of ~{int(cfg.l1 * 0.95)} tokens plus "
+              f"{cfg.sft_examples} fresh short SFT examples, packed to {cfg.l1} (arm no-synl: the short ones only).",
+              "Never trained on: the passkey filler and wording, the needle sentence and question, the "
+              "haystack documents, and the held-out SynL tables (string seeds)."]
+    atomic_write(done, json.dumps({"setup": setup}).encode())
+    return dict(prefixes, tokenizer=tok, haystack=f"{root}/haystack.jsonl")

@@ -1,0 +1,121 @@
+"""results.json (exact schema, read by other code), report.md, heatmaps and loss curves."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List
+
+from data_tools.common import atomic_write
+
+from ...eval import results as eval_results
+from .config import ExperimentConfig
+from .evaluate import TASKS
+from .stages import ARMS
+
+RETRIEVAL = ("passkey", "needle")
+
+
+def results_json(cfg: ExperimentConfig, evals: Dict[str, dict]) -> dict:
+    """{"L0": 512, "L1": 4096, "arms": {arm: {task: {"length": accuracy}}}}."""
+    return {"L0": cfg.l0, "L1": cfg.l1,
+            "arms": {arm: {task: dict(ev[task]) for task in TASKS} for arm, ev in evals.items()}}
+
+
+def _mean(values: List[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _retrieval(res: dict, arm: str) -> float:
+    """Mean passkey and needle accuracy over every length."""
+    a = res["arms"].get(arm, {})
+    return _mean([v for t in RETRIEVAL for v in a.get(t, {}).values()])
+
+
+def verdict(res: dict) -> List[str]:
+    """Plain statements of what held and what did not, from the numbers alone."""
+    arms = res["arms"]
+    lengths = {n for a in arms.values() for n in a["passkey"]}
+    l1 = str(res["L1"]) if str(res["L1"]) in lengths else max(lengths, key=int)  # toy runs stop short of L1
+    pk = {arm: a["passkey"][l1] for arm, a in arms.items()}
+    out = []
+    if {"full", "base", "no-long-sft"} <= set(pk):
+        hit = pk["full"] >= 0.9 and pk["base"] <= 0.3 and pk["no-long-sft"] <= 0.3
+        out.append(f"The target (full >= 0.9 passkey at {l1} tokens; base and no-long-sft <= 0.3) "
+                   f"{'held' if hit else 'did not hold'}: full {pk['full']:.2f}, base {pk['base']:.2f}, "
+                   f"no-long-sft {pk['no-long-sft']:.2f}.")
+    pairs = [("no-long-sft", "the 200-iteration long SFT"), ("no-synl", "SynL in the long SFT"),
+             ("no-cip", "CIP (against plain concatenation) in continual pretraining"),
+             ("cpt-only", "SFT and long SFT after continual pretraining")]
+    for arm, what in pairs:
+        if arm in arms and "full" in arms:
+            d = _retrieval(res, "full") - _retrieval(res, arm)
+            word = "helped" if d > 0.05 else "hurt" if d < -0.05 else "made no clear difference to"
+            out.append(f"{what[0].upper() + what[1:]} {word} retrieval: mean passkey+needle accuracy over all "
+                       f"lengths, full {_retrieval(res, 'full'):.2f} vs {arm} {_retrieval(res, arm):.2f}.")
+    if "no-synl" in arms and "full" in arms:
+        d = _retrieval(res, "full") - _retrieval(res, "no-synl")
+        side = "the paper (synthetic long data helps)" if d > 0.05 else "ProLong (synthetic data did not help)"
+        out.append(f"On synthetic long SFT data this run agrees with {side}.")
+    return out
+
+
+def _losses(stages: List[str], out: str) -> str:
+    plt = eval_results._pyplot()
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 2.8), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        recs = [json.loads(x) for x in open(f"{out}/stages/{stage}/metrics.jsonl") if '"loss"' in x]
+        ax.plot([r["iteration"] for r in recs], [r["loss"] for r in recs])
+        ax.set_title(stage, fontsize=9)
+        ax.set_xlabel("iteration")
+    axes[0][0].set_ylabel("lm loss")
+    fig.tight_layout()
+    return eval_results._save_figure(fig, f"{out}/losses.png")
+
+
+def _heatmaps(evals: Dict[str, dict], out: str) -> Dict[str, List[str]]:
+    paths = {}
+    os.makedirs(f"{out}/heatmaps", exist_ok=True)
+    for arm, ev in evals.items():
+        paths[arm] = []
+        for task in RETRIEVAL:
+            cells = [c for c in ev["cells"] if c["task"] == task]
+            acc = _mean([c["score"] for c in cells])
+            path = f"{out}/heatmaps/{arm}_{task}.png"
+            eval_results.plot_heatmap(cells, path, f"{arm}: {task}, accuracy {acc:.2f}")
+            paths[arm].append(os.path.relpath(path, out))
+    return paths
+
+
+def _table(res: dict, lengths: List[int]) -> List[str]:
+    head = "| arm | stage | task | " + " | ".join(str(n) for n in lengths) + " |"
+    lines = [head, "|" + "---|" * (3 + len(lengths))]
+    for arm, a in res["arms"].items():
+        for task in TASKS:
+            cells = [f"{a[task][str(n)]:.2f}" if str(n) in a[task] else "n/a" for n in lengths]
+            lines.append(f"| {arm} | {ARMS[arm]} | {task} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write(cfg: ExperimentConfig, out: str, stage_recs: List[dict], evals: Dict[str, dict], seconds: float,
+          setup: List[str]) -> dict:
+    """Writes OUT/results.json, OUT/report.md, OUT/losses.png, OUT/heatmaps/; returns results.json's dict."""
+    res = results_json(cfg, evals)
+    atomic_write(f"{out}/results.json", (json.dumps(res, indent=1) + "\n").encode())
+    losses = _losses([r["stage"] for r in stage_recs], out)
+    maps = _heatmaps(evals, out)
+    lines = ["# Mini-LongSkywork", "", f"L0 = {cfg.l0}, L1 = {cfg.l1}; total time {seconds / 60:.1f} min "
+             f"(this run's wall clock, 2 CPU cores).", "", "## Setup", ""] + [f"- {s}" for s in setup]
+    lines += ["", "## Accuracy (greedy exact match of the whole answer, teacher-forced)", ""]
+    lines += _table(res, cfg.eval_lengths)
+    lines += ["", "## What held and what did not", ""] + [f"- {s}" for s in verdict(res)]
+    lines += ["", "## Stages", "", "| stage | iterations | first loss | final loss | tokens/s/rank (median) | "
+              "seconds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['iterations']} | {r['first_loss']:.3f} | {r['final_loss']:.3f} | "
+              f"{r['tokens_per_s_per_rank']:.0f} | {r['seconds']:.0f} |" for r in stage_recs]
+    lines += ["", "Evaluation seconds per arm: " + ", ".join(f"{a} {e['seconds']:.0f}" for a, e in evals.items()),
+              "", f"![losses]({os.path.relpath(losses, out)})", ""]
+    for arm, paths in maps.items():
+        lines += [f"![{arm} {os.path.basename(p)}]({p})" for p in paths]
+    lines += ["", "## Sizes", "", "```json", json.dumps(cfg.sizes(), indent=1), "```", ""]
+    atomic_write(f"{out}/report.md", "\n".join(lines).encode())
+    return res
