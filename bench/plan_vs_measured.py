@@ -6,7 +6,7 @@ schedule) on gloo ranks, peak tensor memory per rank.
     python -m bench.plan_vs_measured [--layouts cp1,cp2,...]
 
 Measured: the torch profiler's memory events (every tensor allocation and free on
-the CPU allocator; on a GPU, torch.cuda.max_memory_allocated), running sum over the
+the CPU allocator, paired by address; on a GPU, torch.cuda.max_memory_allocated), running sum over the
 whole run, maximum inside the second training step (forward-backward of every
 micro-batch and the optimizer step); the fullest rank (PP: the max over stages);
 never process RSS. Predicted: megatron_ext.plan.memory.estimate_memory for the same
