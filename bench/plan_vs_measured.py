@@ -6,7 +6,7 @@ schedule) on gloo ranks, peak tensor memory per rank.
     python -m bench.plan_vs_measured [--layouts cp1,cp2,...]
 
 Measured: the torch profiler's memory events (every tensor allocation and free on
-the CPU allocator; on a GPU, torch.cuda.max_memory_allocated), running sum over the
+the CPU allocator, paired by address; on a GPU, torch.cuda.max_memory_allocated), running sum over the
 whole run, maximum inside the second training step (forward-backward of every
 micro-batch and the optimizer step); the fullest rank (PP: the max over stages);
 never process RSS. Predicted: megatron_ext.plan.memory.estimate_memory for the same
@@ -73,18 +73,63 @@ def train_config(case: Case):
         precision="fp32", recompute=case.recompute)
 
 
+def _name(e) -> str:
+    try:
+        return e.name
+    except UnicodeDecodeError:  # a few profiler names are not UTF-8
+        return ""
+
+
 def _peak_in_window(prof, window: str) -> float:
-    """Max of the running sum of CPU allocation events inside the ``window`` record_function."""
-    events = prof.profiler.kineto_results.events()
-    spans = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.name() == window]
-    mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"
-                 and str(e.device_type()).endswith("CPU"))
-    lo, hi = spans[-1]
-    live, peak = 0, 0
-    for t, nbytes in mem:
-        live += nbytes
-        if lo <= t <= hi:
-            peak = max(peak, live)
+    """Max of the running sum of CPU tensor allocations inside the ``window`` record_function.
+
+    Allocations and frees are paired by address. The profiler records only frees made on a
+    thread it profiles: a gloo collective's staging copy (ProcessGroupGloo clones a
+    reduce-scatter's input) is sometimes freed on gloo's worker thread, unrecorded, which
+    left a phantom 2 MiB in a plain running sum at random (tp2-sp measured 73.9-79.9 MiB).
+    Such a copy, made inside a ``c10d::`` op, is taken as freed when the op that launched
+    the collective returns (mcore waits on it there: the autograd function's forward or
+    backward), or when its address is handed out again, whichever is first; any other
+    allocation whose free went unrecorded, when its address is reused."""
+    from torch._C._profiler import _EventType
+
+    allocs, span, stack = [], None, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation:
+            if str(e.extra_fields.device).startswith("cpu"):
+                allocs.append(e)
+        elif _name(e) == window:
+            span = (e.start_time_ns, e.end_time_ns)
+    allocs.sort(key=lambda e: (e.start_time_ns, e.id))
+
+    def staged_until(a) -> float:
+        p = a.parent
+        while p is not None and not _name(p).startswith("c10d::"):
+            p = p.parent
+        if p is None:
+            return float("inf")
+        return (p.parent or p).end_time_ns
+
+    deltas, live = [], {}
+    for a in allocs:
+        f = a.extra_fields
+        if f.alloc_size > 0:
+            if f.ptr in live:  # freed unrecorded, before this reuse
+                old = live.pop(f.ptr)
+                deltas.append((min(a.start_time_ns, staged_until(old)), -old.extra_fields.alloc_size))
+            live[f.ptr] = a
+            deltas.append((a.start_time_ns, f.alloc_size))
+        elif f.ptr in live:
+            live.pop(f.ptr)
+            deltas.append((a.start_time_ns, f.alloc_size))
+    deltas += [(staged_until(a), -a.extra_fields.alloc_size) for a in live.values()]
+    running, peak = 0, 0
+    for t, nbytes in sorted(deltas, key=lambda d: d[0]):
+        running += nbytes
+        if span[0] <= t <= span[1]:
+            peak = max(peak, running)
     return float(peak)
 
 

@@ -156,7 +156,4 @@ def test_memory_model_within_15_percent_of_measured(name):
 
     case = next(c for c in CASES if c.name == name)
     got, want = measure(case), predicted(case)
-    # tp2-sp: measured 73.9-79.9 MiB across runs of the same code (gloo), the model 66.1: a
-    # 10-17% under-count whose source is not found yet; held to 20% until it is
-    tol = 0.20 if name == "tp2-sp" else 0.15
-    assert abs(want / got - 1) <= tol, (name, want / 2 ** 20, got / 2 ** 20)
+    assert abs(want / got - 1) <= 0.15, (name, want / 2 ** 20, got / 2 ** 20)

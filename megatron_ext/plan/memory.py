@@ -10,7 +10,8 @@ Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation i
 Large Transformer Models", Sec. 4), tensor by tensor for this layer (SwiGLU, GQA,
 no dropout, flash attention: no s x s term), all split by TP (sequence parallel) and CP.
 The peak is the static state plus the saved activations plus the larger of two
-moments: the loss (logits alive) and the last layer's backward (its recomputed
+moments: the loss (logits alive, into the output layer's backward: its dgrad and wgrad)
+and the last layer's backward (its recomputed
 activations and the CP attention's buffers). A ``*_bytes`` figure is per GPU.
 """
 from __future__ import annotations
@@ -146,6 +147,18 @@ def layer_backward_extra(shape: ModelShape, lay: Layout, tokens: float, act: int
     return max(mlp_first, attn - mlp_saved)
 
 
+def output_layer_backward(shape: ModelShape, run: RunShape, lay: Layout, tokens: float, act: int) -> float:
+    """Bytes the output layer's backward allocates while the logits' grad [s, b, v/TP] is
+    alive, one GPU (megatron/core/tensor_parallel/layers.py, LinearWithGradAccumulation...
+    backward, mcore 0.16.1): its dgrad of the whole local sequence [s, b, h] (:493, before
+    SP's reduce-scatter or TP's all-reduce), under SP the reduce-scatter's output
+    [s/TP, b, h] (:548), and its wgrad [v/TP, h] (:614; the trainer does not fuse wgrad
+    accumulation). ``tokens``: local tokens b x s / CP."""
+    h = shape.hidden_size
+    sp = tokens * h * act / lay.tp if lay.tp > 1 and run.sequence_parallel else 0.0
+    return tokens * h * act + sp + shape.vocab_size / lay.tp * h * act
+
+
 def in_flight(run: RunShape, lay: Layout) -> float:
     """Micro-batches of activations the first pipeline stage holds (1F1B: min(PP, m));
     interleaved: PP x (1 + (PP-1)/(PP x v)) (Korthikanti et al. Sec. 4.2.3)."""
@@ -195,6 +208,8 @@ def _stage(shape, run, lay, first, last, ring_waves, reserve_gib) -> MemoryEstim
         parts["activations saved"] += copies * tokens * shape.hidden_size / _sp(run, lay) * act
     logits = tokens * shape.vocab_size / lay.tp * (4 + (act if act < 4 else 0)) if last else 0.0
     parts["logits + loss (fp32 copy)"] = logits
+    parts["output layer backward (dgrad, wgrad)"] = output_layer_backward(shape, run, lay, tokens, act) if last else 0.0
+    loss_moment = logits + parts["output layer backward (dgrad, wgrad)"]
     attn = attention_buffers(shape, run, lay, tokens, act, ring_waves)
     extra = layer_backward_extra(shape, lay, tokens, act, attn)
     sp = lay.tp > 1 and run.sequence_parallel
@@ -208,8 +223,8 @@ def _stage(shape, run, lay, first, last, ring_waves, reserve_gib) -> MemoryEstim
     static = parts["weights"] + parts["grads (fp32 buffer)"] + parts["SP all-gather buffer (persistent)"] + \
         sum(v for k, v in parts.items() if k.startswith("optim"))
     layer_moment = parts["recomputed layer (backward)"] + parts[f"layer backward temporaries ({lay.cp_comm_type} attention)"]
-    moment = "loss" if logits >= layer_moment else "last-layer backward"
-    peak = static + parts["activations saved"] + max(logits, layer_moment)
+    moment = "loss" if loss_moment >= layer_moment else "last-layer backward"
+    peak = static + parts["activations saved"] + max(loss_moment, layer_moment)
     stage = "only stage" if lay.pp == 1 else ("first stage" if first else "last stage")
     notes = [f"{n_params / 1e9:.3f} B params on this GPU; {layers} layers x {flights:g} micro-batch(es) in flight",
              f"peak at the {moment}: the other moment's parts are listed but not added"]
