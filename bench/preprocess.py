@@ -193,7 +193,7 @@ def profile(spec: str, path: str, tmp: str) -> dict:
     """Seconds per stage of our pipeline, each stage run alone on one thread over the corpus."""
     from data_tools import preprocess as pre
     from data_tools.batches import parse, read_batches
-    from data_tools.outputs import flatten
+    from data_tools.outputs import encode, flatten
 
     start = _min_wall([sys.executable, "-c", "pass"])
     imports = _min_wall([sys.executable, "-c", "import data_tools.preprocess, sentencepiece"]) - start
@@ -210,7 +210,7 @@ def profile(spec: str, path: str, tmp: str) -> dict:
     p = pre.Preprocessor(args)
     batches = timed("read + cut into batches", lambda: list(read_batches([path], (0, 0, 0), args.batch_bytes)))
     timed("JSON decode + checks", lambda: [parse(b, path, ["text"], False, False) for b in batches])
-    ids = timed("tokenizer call (1 thread)", lambda: [p.tok.encode_batch(b.records[0]) for b in batches if b.records])
+    ids = timed("tokenizer call (1 thread)", lambda: [encode(p.tok, b.records[0]) for b in batches if b.records])
     flat = timed("flatten to arrays", lambda: [flatten(i, p.code, p.eod) for i in ids])
     o = p.outputs["text"]
     o.open()

@@ -42,7 +42,7 @@ from typing import Dict
 from .batches import Batch, parse, read_batches
 from .common import atomic_write, load_tokenizer, progress
 from .idxwrite import UINT8, token_code
-from .outputs import Output, flatten, flatten_sft
+from .outputs import Output, encode, flatten, flatten_sft
 from .records import REASONS
 from .sysinfo import peak_rss_bytes
 
@@ -94,7 +94,7 @@ class Preprocessor:
             return {}
         if not a.sft:
             eod = self.eod if a.append_eod else None
-            return {key: flatten(self.tok.encode_batch(texts), self.code, eod)
+            return {key: flatten(encode(self.tok, texts), self.code, eod)
                     for key, texts in zip(a.json_keys, records)}
         ids = self.tok.encode_batch([text for r in records for text, _ in r])
         tokens, mask, lengths = flatten_sft(ids, records, self.code, self.eod)
