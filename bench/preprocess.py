@@ -192,8 +192,8 @@ def _min_wall(cmd, reps=5) -> float:
 def profile(spec: str, path: str, tmp: str) -> dict:
     """Seconds per stage of our pipeline, each stage run alone on one thread over the corpus."""
     from data_tools import preprocess as pre
-    from data_tools.indexed import write_index
-    from data_tools.records import document_segments
+    from data_tools.batches import parse, read_batches
+    from data_tools.outputs import encode, flatten
 
     start = _min_wall([sys.executable, "-c", "pass"])
     imports = _min_wall([sys.executable, "-c", "import data_tools.preprocess, sentencepiece"]) - start
@@ -205,15 +205,13 @@ def profile(spec: str, path: str, tmp: str) -> dict:
         out[name] = time.perf_counter() - t0
         return result
 
-    lines = timed("read lines", lambda: [raw for _, _, raw, _ in pre._read_lines([path])])
-    timed("JSON decode + checks", lambda: [document_segments(raw, ["text"]) for raw in lines])
     args = pre.build_parser().parse_args(["--input", path, "--output-prefix", os.path.join(tmp, "prof"),
                                           "--tokenizer-model", spec, "--append-eod"])
     p = pre.Preprocessor(args)
-    batches = timed("batching", lambda: list(p.batches([path], (0, 0, 0))))
-    out["batching"] = max(0.0, out["batching"] - out["read lines"] - out["JSON decode + checks"])
-    ids = timed("tokenizer call (1 thread)", lambda: [p.tok.encode_batch([r[0] for r in b.records]) for b in batches])
-    flat = timed("flatten to arrays", lambda: [pre._flatten(i, p.dtype, p.eod) for i in ids])
+    batches = timed("read + cut into batches", lambda: list(read_batches([path], (0, 0, 0), args.batch_bytes)))
+    timed("JSON decode + checks", lambda: [parse(b, path, ["text"], False, False) for b in batches])
+    ids = timed("tokenizer call (1 thread)", lambda: [encode(p.tok, b.records[0]) for b in batches if b.records])
+    flat = timed("flatten to arrays", lambda: [flatten(i, p.code, p.eod) for i in ids])
     o = p.outputs["text"]
     o.open()
 

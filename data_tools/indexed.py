@@ -13,21 +13,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAGIC = b"MMIDIDX\x00\x00"
-HEADER_BYTES = 9 + 8 + 1 + 8 + 8
+from .idxwrite import HEADER_BYTES, MAGIC, header, token_code
+from .idxwrite import write_index as _write_index
 DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7,
                np.uint16: 8}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 
 def token_dtype(vocab_size: int):
-    """uint16 below 65,500 ids, else int32 (Megatron's rule)."""
-    return np.uint16 if vocab_size < 65500 else np.int32
+    """uint16 below 65,500 ids, else int32 (Megatron's rule, :func:`idxwrite.token_code`)."""
+    return CODE_DTYPES[token_code(vocab_size)]
 
 
 def _header(dtype, n_seq: int) -> bytes:
-    return MAGIC + struct.pack("<Q", 1) + struct.pack("<B", DTYPE_CODES[dtype]) + \
-        struct.pack("<Q", n_seq) + struct.pack("<Q", n_seq + 1)
+    return header(DTYPE_CODES[dtype], n_seq)
 
 
 def index_bytes(dtype, lengths: np.ndarray) -> bytes:
@@ -41,32 +40,10 @@ def index_bytes(dtype, lengths: np.ndarray) -> bytes:
     return _header(dtype, len(lengths)) + lengths.tobytes() + pointers.tobytes() + documents.tobytes()
 
 
-def _chunks(path: str, chunk: int):
-    """int32 arrays of at most ``chunk`` items, read in order from a raw int32 file."""
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(4 * chunk), b""):
-            yield np.frombuffer(block, dtype=np.int32)
-
-
 def write_index(path: str, dtype, lengths_path: str, chunk: int = 1 << 20) -> int:
-    """Write the .idx for the document lengths in ``lengths_path`` (raw int32) to
-    ``path`` and fsync it, ``chunk`` lengths at a time: memory stays flat whatever the
-    document count. Same bytes as :func:`index_bytes`; returns the token count."""
-    n = os.path.getsize(lengths_path) // 4
-    itemsize, offset = np.dtype(dtype).itemsize, 0
-    with open(path, "wb") as out:
-        out.write(_header(dtype, n))
-        for lengths in _chunks(lengths_path, chunk):
-            out.write(lengths)
-        for lengths in _chunks(lengths_path, chunk):
-            ends = np.cumsum(lengths, dtype=np.int64) * itemsize + offset
-            out.write(ends - lengths.astype(np.int64) * itemsize)
-            offset = int(ends[-1])
-        for start in range(0, n + 1, chunk):
-            out.write(np.arange(start, min(start + chunk, n + 1), dtype=np.int64))
-        out.flush()
-        os.fsync(out.fileno())
-    return offset // itemsize
+    """Stream the .idx for the raw int32 lengths in ``lengths_path`` (see
+    :func:`idxwrite.write_index`); same bytes as :func:`index_bytes`; returns the token count."""
+    return _write_index(path, DTYPE_CODES[dtype], lengths_path, chunk)
 
 
 class IndexError_(ValueError):

@@ -8,11 +8,12 @@ Face ``tokenizer.json``); the EOD id is the tokenizer's EOS. Writes
 ``P_{key}_document.bin/.idx`` (with ``--sft`` also the aligned uint8
 ``P_loss_mask_document``: 1 on response tokens and the EOD).
 
-Pipeline: the main thread reads and parses lines into small batches; ``--workers``
-threads tokenize batches side by side (the tokenizer runs outside the GIL) and
-flatten them to arrays; the main thread appends them in input order. At most
-``2 x workers`` batches are in flight, so memory stays flat whatever the input size
-(the index is streamed from a lengths file at the end).
+Pipeline: the main thread cuts the input into blocks of whole lines
+(:mod:`data_tools.batches`); ``--workers`` threads parse, tokenize (the tokenizer runs
+outside the GIL) and flatten blocks side by side (:mod:`data_tools.outputs`); the main
+thread appends them in input order. At most ``2 x workers`` batches are in flight, so
+memory stays flat whatever the input size (the index is streamed from a lengths file
+at the end). Start-up imports neither numpy nor torch.
 
 Crash safety: output goes to temp names; a progress file records where input and
 output stand (reject counts travel with their batch: a resumed run counts each once)
@@ -28,23 +29,21 @@ with no documents is an error (exit 2, naming the files) unless ``--allow-empty`
 from __future__ import annotations
 
 import argparse
-import array
 import collections
 import gc
 import hashlib
-import itertools
 import json
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict
 
-import numpy as np
-
-from .common import atomic_write, load_tokenizer, open_binary, progress
-from .indexed import token_dtype, write_index
-from .records import REASONS, BadRecord, document_segments, sft_segments
+from .batches import Batch, parse, read_batches
+from .common import atomic_write, load_tokenizer, progress
+from .idxwrite import UINT8, token_code
+from .outputs import Output, encode, flatten, flatten_sft
+from .records import REASONS
 from .sysinfo import peak_rss_bytes
 
 MASK_DATASET = "loss_mask"
@@ -57,88 +56,6 @@ def _reached(point: str) -> None:
     the process exactly there."""
 
 
-def _read_lines(paths, start_file=0, start_offset=0, start_line=0) -> Iterator[Tuple[int, int, bytes, int]]:
-    """(file index, 1-based line, raw line, offset just past it), from a resume point."""
-    for fi in range(start_file, len(paths)):
-        offset, lineno = (start_offset, start_line) if fi == start_file else (0, 0)
-        with open_binary(paths[fi]) as f:
-            if offset:
-                f.seek(offset)
-            rest = b""
-            while True:
-                chunk = f.read(1 << 22)
-                if not chunk:
-                    break
-                lines = (rest + chunk).split(b"\n")
-                rest = lines.pop()
-                for raw in lines:
-                    offset += len(raw) + 1
-                    lineno += 1
-                    yield fi, lineno, raw.rstrip(b"\r"), offset
-            if rest:
-                offset += len(rest)
-                yield fi, lineno + 1, rest.rstrip(b"\r"), offset
-
-
-class Output:
-    """One dataset being written: PREFIX.bin.tmp plus a running lengths file."""
-
-    def __init__(self, prefix: str, dtype):
-        self.prefix, self.dtype = prefix, dtype
-        self.bin_tmp, self.len_tmp, self.idx_tmp = prefix + ".bin.tmp", prefix + ".lengths.tmp", prefix + ".idx.tmp"
-
-    def open(self, resume_state=None):
-        for path, key in ((self.bin_tmp, "bin_bytes"), (self.len_tmp, "len_bytes")):
-            if resume_state is None:
-                open(path, "wb").close()
-            else:
-                with open(path, "r+b") as f:  # drop whatever was appended after the checkpoint
-                    f.truncate(resume_state[key])
-        self.bin, self.lens = open(self.bin_tmp, "ab"), open(self.len_tmp, "ab")
-
-    def append(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        self.bin.write(tokens)
-        self.lens.write(lengths)
-
-    def sync(self) -> dict:
-        for f in (self.bin, self.lens):
-            f.flush()
-            os.fsync(f.fileno())
-        return {"bin_bytes": self.bin.tell(), "len_bytes": self.lens.tell()}
-
-    def write_index(self) -> dict:
-        """Close and fsync the .bin, stream the .idx to its temp name; returns the sizes written."""
-        state = self.sync()
-        self.bin.close()
-        self.lens.close()
-        write_index(self.idx_tmp, self.dtype, self.len_tmp)
-        return state
-
-    def discard(self) -> None:
-        for f in (getattr(self, "bin", None), getattr(self, "lens", None)):
-            if f:
-                f.close()
-        for p in (self.bin_tmp, self.len_tmp, self.idx_tmp):
-            if os.path.exists(p):
-                os.remove(p)
-
-
-def _flatten(ids: List[List[int]], dtype, eod=None) -> Tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (flat tokens in ``dtype``, int32 lengths), an ``eod`` id after each when given."""
-    if eod is not None:
-        for seq in ids:  # the lists are ours: one append each beats an np.insert pass
-            seq.append(eod)
-    lengths = np.fromiter(map(len, ids), np.int32, len(ids))
-    return np.fromiter(itertools.chain.from_iterable(ids), dtype, int(lengths.sum())), lengths
-
-
-class Batch:
-    """Parsed lines, the rejects among them and the input position just past them."""
-
-    def __init__(self):
-        self.records, self.rejects, self.size, self.position = [], [], 0, None
-
-
 class Preprocessor:
     """The streaming pipeline; see the module docstring."""
 
@@ -146,11 +63,11 @@ class Preprocessor:
         self.args = args
         self.tok = load_tokenizer(args.tokenizer_model, threads=args.workers)
         self.eod = self.tok.eos_id()
-        self.dtype = token_dtype(self.tok.vocab_size())
+        self.code = token_code(self.tok.vocab_size())
         keys = ["text"] if args.sft else args.json_keys
-        self.outputs = {k: Output(f"{args.output_prefix}_{k}_document", self.dtype) for k in keys}
+        self.outputs = {k: Output(f"{args.output_prefix}_{k}_document", self.code) for k in keys}
         if args.sft:
-            self.outputs[MASK_DATASET] = Output(f"{args.output_prefix}_{MASK_DATASET}_document", np.uint8)
+            self.outputs[MASK_DATASET] = Output(f"{args.output_prefix}_{MASK_DATASET}_document", UINT8)
         self.progress_path = args.output_prefix + ".progress.json"
         self.rejects_tmp = args.output_prefix + ".rejects.jsonl.tmp"
         self.counts: Dict[str, int] = {}
@@ -168,45 +85,20 @@ class Preprocessor:
         return self._fingerprint
 
     # -- batches -------------------------------------------------------------------------
-    def batches(self, paths, start) -> Iterator[Batch]:
-        """Parsed batches of about ``--batch-bytes`` of input, from the resume point on."""
-        parse = sft_segments if self.args.sft else (lambda raw: document_segments(raw, self.args.json_keys))
-        batch, limit = Batch(), self.args.batch_bytes
-        for fi, lineno, raw, end in _read_lines(paths, *start):
-            try:
-                batch.records.append(parse(raw))
-            except BadRecord as e:
-                if not self.args.skip_invalid:
-                    raise SystemExit(f"{paths[fi]}:{lineno}: {e}") from None
-                batch.rejects.append({"file": paths[fi], "line": lineno, "reason": str(e), "kind": e.kind})
-            batch.size += len(raw) + 1
-            if batch.size >= limit:
-                batch.position = (fi, end, lineno)
-                yield batch
-                batch = Batch()
-        batch.position = (len(paths), 0, 0)
-        yield batch
-
-    def encode(self, records) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-        """records: parsed lines -> {dataset: (tokens, lengths)}; runs on a worker thread."""
-        if not self.args.sft:
-            eod = self.eod if self.args.append_eod else None
-            return {key: _flatten(self.tok.encode_batch([r[i] for r in records]), self.dtype, eod)
-                    for i, key in enumerate(self.args.json_keys)}
-        ids = iter(self.tok.encode_batch([text for r in records for text, _ in r]))
-        tokens, mask, lengths = array.array("i"), array.array("B"), []
-        for r in records:
-            start = len(tokens)
-            for _, trained in r:
-                seg = next(ids)
-                tokens.extend(seg)
-                mask.extend([trained] * len(seg))
-            tokens.append(self.eod)
-            mask.append(1)
-            lengths.append(len(tokens) - start)
-        lengths = np.asarray(lengths, dtype=np.int32)
-        return {"text": (np.frombuffer(tokens, np.int32).astype(self.dtype), lengths),
-                MASK_DATASET: (np.frombuffer(mask, np.uint8), lengths)}
+    def encode(self, batch: Batch) -> Dict[str, tuple]:
+        """Parse one batch and tokenize it -> {dataset: (tokens, int32 lengths)}; runs on a worker thread."""
+        a = self.args
+        parse(batch, a.input[batch.file], a.json_keys, a.sft, a.skip_invalid)
+        records, batch.lines, batch.data, batch.records = batch.records, None, None, None  # free as we go
+        if not records or not records[0]:
+            return {}
+        if not a.sft:
+            eod = self.eod if a.append_eod else None
+            return {key: flatten(encode(self.tok, texts), self.code, eod)
+                    for key, texts in zip(a.json_keys, records)}
+        ids = self.tok.encode_batch([text for r in records for text, _ in r])
+        tokens, mask, lengths = flatten_sft(ids, records, self.code, self.eod)
+        return {"text": (tokens, lengths), MASK_DATASET: (mask, lengths)}
 
     def write(self, encoded, batch: Batch) -> None:
         """Append one encoded batch (in input order) and checkpoint when due."""
@@ -220,7 +112,7 @@ class Preprocessor:
         if encoded:
             lengths = next(iter(encoded.values()))[1]
             self.docs += len(lengths)
-            self.tokens += int(lengths.sum())
+            self.tokens += sum(lengths)
         final = batch.position[0] >= len(self.args.input)
         if final or time.monotonic() - self.last_checkpoint >= self.args.checkpoint_seconds:
             self.checkpoint(batch.position)
@@ -277,8 +169,8 @@ class Preprocessor:
         bar = progress(total=total, unit="B", desc="preprocess", unit_scale=True)
         try:
             inflight = collections.deque()
-            for batch in self.batches(paths, state["position"] if state else (0, 0, 0)):
-                inflight.append((pool.submit(self.encode, batch.records) if batch.records else None, batch))
+            for batch in read_batches(paths, state["position"] if state else (0, 0, 0), self.args.batch_bytes):
+                inflight.append((pool.submit(self.encode, batch) if batch.lines else None, batch))
                 while len(inflight) > 2 * workers or (inflight and inflight[0][0] is None) or \
                         (inflight and inflight[0][0].done()):
                     self._write_next(inflight, bar)

@@ -62,6 +62,11 @@ class Tokenizer:
         is the sentencepiece thread count; ``tokenizers`` uses its own pool."""
         raise NotImplementedError
 
+    def encode_batch_int32(self, texts: Sequence[str], num_threads: int = 1) -> Optional[list]:
+        """Texts -> one buffer of native int32 ids per text (same ids as :meth:`encode_batch`),
+        with no Python int per token; None where the tokenizer cannot."""
+        return None
+
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
@@ -85,6 +90,23 @@ class SentencePieceTokenizer(Tokenizer):
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{path}: not a sentencepiece model ({e})") from e
         self.name, self.files = path, [path]
+        self._buffers = self._buffer_encoder()
+
+    def _buffer_encoder(self):
+        """sentencepiece's C++ batch encode behind ``encode(..., return_type="numpy")``, called
+        without numpy (it returns int32 buffers); kept only if it gives ``encode``'s ids on a probe."""
+        fn = getattr(getattr(self.sp, "_processor", None), "_EncodeAsBufferBatch", None)
+        probe = ["Hello, world: 123 \u2603 caf\u00e9.", "x", " tail  "]
+        try:  # input, threads, pool, sampling, nbest, alpha, bos, eos, reverse: encode()'s defaults
+            call = (lambda texts, threads: fn(texts, threads, None, False, -1, 0.1, False, False, False))
+            if fn and [memoryview(b).tolist() for b in call(probe, 1)] == self.sp.encode(probe):
+                return call
+        except (TypeError, ValueError, RuntimeError):
+            pass
+        return None
+
+    def encode_batch_int32(self, texts: Sequence[str], num_threads: int = 1) -> Optional[list]:
+        return self._buffers(texts, num_threads) if self._buffers else None
 
     def vocab_size(self) -> int:
         return self.sp.vocab_size()

@@ -54,6 +54,20 @@ def test_int32_index_for_large_vocab_is_readable(tmp_path):
     assert [ds[i].tolist() for i in range(3)] == [[70000, 1, 2], [99999], [5, 6]]
 
 
+def test_int32_buffers_and_lists_flatten_to_the_same_bytes(tokenizer):
+    from data_tools.outputs import encode, flatten
+    from data_tools.tokenizing import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    texts = ["The river \u2603.", "x", "caf\u00e9 au lait " * 50]
+    assert not isinstance(encode(tok, texts)[0], list)  # sentencepiece takes the buffer path
+    for code in (8, 4):  # uint16, int32
+        for eod in (None, tok.eos_id()):
+            fast, lists = flatten(encode(tok, texts), code, eod), flatten(tok.encode_batch(texts), code, eod)
+            assert fast[0].typecode == lists[0].typecode and fast[0].tobytes() == lists[0].tobytes()
+            assert fast[1] == lists[1] and sum(fast[1]) == len(fast[0])
+
+
 def test_sft_mask_marks_response_and_eod(tokenizer, sp, tmp_path):
     rows = [{"prompt": "What is the river?", "response": "The harbour."},
             {"messages": [{"role": "user", "content": "Say one word."}, {"role": "assistant", "content": "Lantern."}]}]
