@@ -43,13 +43,24 @@ def _interleaved_worker(rank, world, data, root):
     return {"note": note, "chunks": chunks, "rc": trainer.train()}
 
 
-def _resume_worker(rank, world, data, root):
+def _resume_worker(rank, world, data, save, sets):
     from megatron_ext.train.loop import run_stage
 
-    return run_stage(_cfg(data, os.path.join(root, "resume"), BASE))
+    return run_stage(_cfg(data, save, BASE + sets))
 
 
-def test_interleaved_pipeline_matches_one_process_and_resumes_at_pp1(data, tmp_path):
+def _resume(data, root, src, name, sets, world):
+    """Losses of iterations 3 and 4, resumed from ``src``'s step-2 (weights and optimizer)."""
+    from megatron_ext.distributed import spawn_ranks
+
+    save = os.path.join(root, name)
+    os.makedirs(save)
+    shutil.copytree(os.path.join(root, src, "step-2"), os.path.join(save, "step-2"))
+    assert spawn_ranks(_resume_worker, world, (data, save, sets), timeout_s=120) == [0] * world
+    return [r["loss"] for r in losses(save)]
+
+
+def test_interleaved_pipeline_matches_one_process_and_reshards_on_resume(data, tmp_path):
     from megatron_ext.distributed import spawn_ranks
 
     root = str(tmp_path)
@@ -65,12 +76,11 @@ def test_interleaved_pipeline_matches_one_process_and_resumes_at_pp1(data, tmp_p
     print("per-iteration lm loss PP=1:", ref, "PP=2 x VP=2:", got)
     assert len(ref) == len(got) == 4 and ref[0] != ref[-1]
     assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(got, ref)), (got, ref)
-    os.makedirs(os.path.join(root, "resume"))
-    shutil.copytree(os.path.join(root, "vpp", "step-2"), os.path.join(root, "resume", "step-2"))
-    assert spawn_ranks(_resume_worker, 1, (data, root), timeout_s=120) == [0]
-    resumed = [r["loss"] for r in losses(os.path.join(root, "resume"))]
-    print("resumed at PP=1 from the PP=2 x VP=2 step-2:", resumed)
-    assert len(resumed) == 2 and all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(resumed, got[2:])), (resumed, got)
+    # a checkpoint saved at PP=2 x VP=2 resumes at PP=1, and one saved at PP=1 at PP=2 x VP=2
+    for name, src, sets, world, want in (("to_pp1", "vpp", [], 1, got[2:]), ("to_vpp", "one", VPP, 2, ref[2:])):
+        resumed = _resume(data, root, src, name, sets, world)
+        print(f"resumed {name} from {src}'s step-2:", resumed)
+        assert len(resumed) == 2 and all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(resumed, want)), (name, resumed)
 
 
 def test_interleaved_pipeline_config_refusals():
