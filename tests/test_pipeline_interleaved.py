@@ -1,6 +1,7 @@
 """Interleaved 1F1B (PP x VP model chunks per rank) through megatron-core's schedule
 on gloo: per-iteration parity with one process from one shared checkpoint, a
 checkpoint saved at PP=2 x VP=2 resuming at PP=1, and the config refusals."""
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,8 @@ from tests.test_train_core import CONFIG, _cfg
 # grad norm spans both chunks of both stages); save at 2 to resume from there
 BASE = ["model.num_layers=4", "optim.global_batch_size=4", "optim.micro_batch_size=1", "optim.train_iters=4",
         "optim.warmup_iters=0", "optim.lr=1e-3", "optim.min_lr=1e-3", "precision=fp32",
-        "checkpoint.save_interval=2", "parallel.context_parallel_size=1"]
+        "checkpoint.save_interval=2", "parallel.context_parallel_size=1",
+        "data.split=90,10,0", "logging.eval_iters=1"]  # and a validation (forward-only schedule) at the end
 VPP = ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"]
 
 
@@ -41,6 +43,12 @@ def _interleaved_worker(rank, world, data, root):
     chunks = [(c.pre_process, c.post_process, [layer.layer_number for layer in c.decoder.layers])
               for c in model_of(trainer)]
     return {"note": note, "chunks": chunks, "rc": trainer.train()}
+
+
+def _valid_loss(save):
+    recs = [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]
+    (loss,) = [r["valid_loss"] for r in recs if "valid_loss" in r]
+    return loss
 
 
 def _resume_worker(rank, world, data, save, sets):
@@ -73,9 +81,10 @@ def test_interleaved_pipeline_matches_one_process_and_reshards_on_resume(data, t
     assert [o["chunks"] for o in out] == [[(True, False, [1]), (False, False, [3])],
                                           [(False, False, [2]), (False, True, [4])]], out
     got = [r["loss"] for r in losses(os.path.join(root, "vpp"))]
-    print("per-iteration lm loss PP=1:", ref, "PP=2 x VP=2:", got)
+    valid = [_valid_loss(os.path.join(root, name)) for name in ("one", "vpp")]
+    print("per-iteration lm loss PP=1:", ref, "PP=2 x VP=2:", got, "validation:", valid)
     assert len(ref) == len(got) == 4 and ref[0] != ref[-1]
-    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(got, ref)), (got, ref)
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(got + valid[1:], ref + valid[:1])), (got, ref, valid)
     # a checkpoint saved at PP=2 x VP=2 resumes at PP=1, and one saved at PP=1 at PP=2 x VP=2
     for name, src, sets, world, want in (("to_pp1", "vpp", [], 1, got[2:]), ("to_vpp", "one", VPP, 2, ref[2:])):
         resumed = _resume(data, root, src, name, sets, world)

@@ -134,8 +134,9 @@ def _init_optimizer_state(optimizer) -> None:
 
 
 def save(save_dir: str, iteration: int, model, optimizer, scheduler, common: dict, keep_last: int) -> str:
-    """Save ``model`` (DDP-wrapped or bare GPTModel, or a list of model chunks) and, if given, the optimizer and
-    scheduler as ``save_dir/step-{iteration}``; returns the folder. Collective: every rank calls."""
+    """Save ``model`` (DDP-wrapped or bare GPTModel, or a list of model chunks) and, if
+    given, the optimizer and scheduler as ``save_dir/step-{iteration}``; returns the
+    folder. Collective: every rank calls."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(save_dir, f"step-{iteration}")

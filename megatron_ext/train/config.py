@@ -351,7 +351,8 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
                          f"micro_batch_size x DP = {per_step}")
     grad_accum = cfg.optim.global_batch_size // per_step
     pp, vp = p.pipeline_model_parallel_size, virtual_pipeline_size(cfg)
-    if vp and (grad_accum < pp or grad_accum % pp):  # schedules.py:995-1015 with microbatch_group_size_per_vp_stage = PP
+    # megatron-core's interleaved schedule (schedules.py:995-1015), micro-batch groups of PP
+    if vp and (grad_accum < pp or grad_accum % pp):
         raise ValueError(f"parallel.virtual_pipeline_model_parallel_size {vp}: the interleaved schedule needs the "
                          f"micro-batches per step, optim.global_batch_size / (optim.micro_batch_size x DP) = "
                          f"{cfg.optim.global_batch_size} / {per_step} = {grad_accum}, to be a multiple of "
