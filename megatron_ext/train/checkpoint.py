@@ -3,8 +3,10 @@
 ``save_dir/step-N`` holds the model's ``sharded_state_dict`` (TP shards as global
 tensors), the optimizer (the distributed optimizer with ``fully_reshardable``
 sharding), and common entries rank 0 writes: iteration, consumed samples, the
-scheduler, the config and the RNG state. A checkpoint saved at one (TP, CP, DP)
-layout loads at any other.
+scheduler, the config and the RNG state. A checkpoint saved at one (TP, PP, CP, DP)
+layout loads at any other. With an interleaved pipeline each model chunk's state
+sits under ``model0`` .. ``modelN`` (as Megatron-LM saves it), else under ``model``;
+the sharded keys number the layers globally, so chunks load at any PP x VP.
 
 A save goes to ``step-N.partial``; once every rank finished, rank 0 writes
 ``COMPLETE`` into it and renames it to ``step-N``, so a folder named ``step-N``
@@ -89,14 +91,27 @@ def check_compatible(path: str, common: dict, model_cfg, vocab_size: int) -> Non
         raise ValueError(f"{path}: checkpoint of another model shape: " + "; ".join(wrong))
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict:
+def _chunks(model) -> list:
+    """The bare GPTModels of ``model``: one module (DDP-wrapped or bare) or a list of chunks."""
     from .model import unwrap
 
-    model_sd = unwrap(model).sharded_state_dict()  # GPTModel names, as Megatron-LM saves them
-    state = {"model": model_sd}
+    return unwrap(list(model) if isinstance(model, (list, tuple)) else [model])
+
+
+def _model_keys(chunks) -> list:
+    """State dict keys of the chunks: ``model`` alone, ``model0`` .. ``modelN`` interleaved."""
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _sharded_state(model, optimizer, is_loading: bool) -> dict:
+    chunks = _chunks(model)
+    # GPTModel names, as Megatron-LM saves them
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(chunks), chunks)}
     if optimizer is not None:
         if is_loading:
             _init_optimizer_state(optimizer)
+        # the optimizer finds its params' sharded tensors anywhere in the model states
+        model_sd = state["model"] if len(chunks) == 1 else dict(state)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                           metadata=OPTIMIZER_METADATA)
     return state
@@ -119,8 +134,9 @@ def _init_optimizer_state(optimizer) -> None:
 
 
 def save(save_dir: str, iteration: int, model, optimizer, scheduler, common: dict, keep_last: int) -> str:
-    """Save ``model`` (DDP-wrapped or bare GPTModel) and, if given, the optimizer and
-    scheduler as ``save_dir/step-{iteration}``; returns the folder. Collective: every rank calls."""
+    """Save ``model`` (DDP-wrapped or bare GPTModel, or a list of model chunks) and, if
+    given, the optimizer and scheduler as ``save_dir/step-{iteration}``; returns the
+    folder. Collective: every rank calls."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(save_dir, f"step-{iteration}")
@@ -148,15 +164,16 @@ def save(save_dir: str, iteration: int, model, optimizer, scheduler, common: dic
 
 
 def load(path: str, model, optimizer=None, scheduler=None) -> dict:
-    """Load complete checkpoint ``path`` into ``model`` (and the optimizer/scheduler when
-    given) at this run's layout; returns the common entries. Collective."""
+    """Load complete checkpoint ``path`` into ``model`` (a module or a list of model chunks;
+    and the optimizer/scheduler when given) at this run's layout; returns the common
+    entries. Collective."""
     from megatron.core import dist_checkpointing
 
     common = read_common(path)
     state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), path)
-    from .model import unwrap
-
-    unwrap(model).load_state_dict(state["model"], strict=True)
+    chunks = _chunks(model)
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        chunk.load_state_dict(state[key], strict=True)
     if optimizer is not None:
         _load_optimizer(optimizer, state["optimizer"])
         if scheduler is not None and common.get("scheduler") is not None:
@@ -191,9 +208,7 @@ def save_model_checkpoint(save_dir: str, iteration: int, model, config: dict) ->
     """Weights-only checkpoint ``save_dir/step-N`` of ``model`` (e.g. an imported Hugging
     Face model) with its TrainConfig dict; training starts from it with
     ``checkpoint.init_from``. Needs torch.distributed and parallel_state initialised."""
-    from .model import unwrap
-
-    vocab = unwrap(model).vocab_size
+    vocab = _chunks(model)[0].vocab_size
     common = {"config": config, "vocab_size": vocab, "consumed_samples": 0, "skipped_iterations": 0}
     return save(save_dir, iteration, model, None, None, common, keep_last=0)
 

@@ -22,7 +22,8 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     """PP degree: megatron-core's 1F1B schedule over layer stages; must divide model.num_layers."""
     virtual_pipeline_model_parallel_size: Optional[int] = None
-    """Interleaved (virtual) pipeline stages per rank; not supported yet (unset or 1)."""
+    """Interleaved 1F1B: model chunks per pipeline rank (unset or 1: none); needs PP > 1, PP x this
+    dividing model.num_layers, and the micro-batches per step a multiple of PP."""
     context_parallel_size: int = 1
     """CP degree: ranks that share one sequence."""
     cp_comm_type: str = "p2p"
@@ -305,6 +306,28 @@ def _check_heads(cfg: TrainConfig) -> None:
         raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
 
 
+def virtual_pipeline_size(cfg: TrainConfig) -> Optional[int]:
+    """Model chunks per pipeline rank for megatron-core: None without interleaving (VP unset or 1)."""
+    vp = cfg.parallel.virtual_pipeline_model_parallel_size
+    return None if vp in (None, 1) else vp
+
+
+def _check_virtual_pipeline(cfg: TrainConfig) -> None:
+    """Interleaved 1F1B: each of the PP x VP chunks gets an equal share of the layers."""
+    p, layers = cfg.parallel, cfg.model.num_layers
+    vp, pp = p.virtual_pipeline_model_parallel_size, p.pipeline_model_parallel_size
+    if vp is None or vp == 1:
+        return
+    if vp < 1:
+        raise ValueError(f"parallel.virtual_pipeline_model_parallel_size {vp} must be unset or >= 1")
+    if pp == 1:
+        raise ValueError(f"parallel.virtual_pipeline_model_parallel_size {vp} needs "
+                         f"parallel.pipeline_model_parallel_size > 1 (got 1)")
+    if layers % (pp * vp):
+        raise ValueError(f"parallel.pipeline_model_parallel_size x virtual_pipeline_model_parallel_size = {pp} x {vp} "
+                         f"= {pp * vp} must divide model.num_layers {layers}")
+
+
 def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     """Check the layout against the world size; returns the derived sizes."""
     p = cfg.parallel
@@ -313,9 +336,7 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     if p.pipeline_model_parallel_size < 1 or cfg.model.num_layers % p.pipeline_model_parallel_size:
         raise ValueError(f"parallel.pipeline_model_parallel_size {p.pipeline_model_parallel_size} must divide "
                          f"model.num_layers {cfg.model.num_layers}")
-    if (p.virtual_pipeline_model_parallel_size or 1) != 1:
-        raise ValueError("parallel.virtual_pipeline_model_parallel_size > 1 (interleaved pipeline) is not supported "
-                         "yet; leave it unset")
+    _check_virtual_pipeline(cfg)
     _check_heads(cfg)
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     if world_size % model_parallel:
@@ -328,6 +349,14 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     if cfg.optim.global_batch_size % per_step:
         raise ValueError(f"global_batch_size {cfg.optim.global_batch_size} must be a multiple of "
                          f"micro_batch_size x DP = {per_step}")
+    grad_accum = cfg.optim.global_batch_size // per_step
+    pp, vp = p.pipeline_model_parallel_size, virtual_pipeline_size(cfg)
+    # megatron-core's interleaved schedule (schedules.py:995-1015), micro-batch groups of PP
+    if vp and (grad_accum < pp or grad_accum % pp):
+        raise ValueError(f"parallel.virtual_pipeline_model_parallel_size {vp}: the interleaved schedule needs the "
+                         f"micro-batches per step, optim.global_batch_size / (optim.micro_batch_size x DP) = "
+                         f"{cfg.optim.global_batch_size} / {per_step} = {grad_accum}, to be a multiple of "
+                         f"parallel.pipeline_model_parallel_size {pp}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision {cfg.precision!r} is not auto, fp32 or bf16")
     mode = packing_mode(cfg)
@@ -339,4 +368,4 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
         raise ValueError(f"parallel.pipeline_model_parallel_size must be 1 with {key} (packed sequences through a "
                          f"pipeline are not supported yet), got {p.pipeline_model_parallel_size}; or set "
                          f"data.packing=none")
-    return {"dp": dp, "grad_accum": cfg.optim.global_batch_size // per_step}
+    return {"dp": dp, "grad_accum": grad_accum}

@@ -20,9 +20,10 @@ def dry_run(cfg: TrainConfig, world_size: int, vocab_size: int = 0, gpu_memory_g
     lay = config_layout(cfg, world_size)
     ev = evaluate(shape, run, lay, hardware(gpu, {}), gpus_per_node, gpu_memory_gib)
     rope = cfg.model.rope
+    virtual = f" (virtual {run.virtual_pp})" if run.virtual_pp > 1 else ""
     lines = [
         f"dry run: stage={cfg.stage} world={world_size}: TP={lay.tp} (sequence parallel "
-        f"{'on' if run.sequence_parallel and lay.tp > 1 else 'off'}) PP={lay.pp} CP={lay.cp} ({p.cp_comm_type}) "
+        f"{'on' if run.sequence_parallel and lay.tp > 1 else 'off'}) PP={lay.pp}{virtual} CP={lay.cp} ({p.cp_comm_type}) "
         f"DP={sizes['dp']} grad_accum={sizes['grad_accum']}",
         f"  sequence {run.seq_length} tokens -> {run.seq_length // lay.cp} per CP rank; rope {rope.scaling} "
         f"(base {rope.base:g}" + (f", abf_base {rope.abf_base:g}" if rope.scaling == "abf" else "") + ")",

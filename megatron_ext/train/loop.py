@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, packing_mode, to_dict, validate
 from .data import build_datasets, load_train_tokenizer, sample_batches
 from .metrics import MetricsLogger, flops_per_token
-from .model import build_model, init_model_parallel, unwrap, wrap_model
+from .model import build_model, build_model_chunks, init_model_parallel, unwrap, wrap_model
 from .optim import build_optimizer
 
 # re-exported for callers that build models the trainer's way (eval, convert)
@@ -48,11 +48,12 @@ class Trainer:
         self.ps = init_model_parallel(cfg)
         self.tokenizer = load_train_tokenizer(cfg.data.tokenizer_model)
         self.vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
-        model, self.bf16 = build_model(cfg, self.vocab_size)
-        self.model = [wrap_model(cfg, model)]
+        chunks, self.bf16 = build_model_chunks(cfg, self.vocab_size)
+        self.model = [wrap_model(cfg, chunk, i) for i, chunk in enumerate(chunks)]  # one per virtual stage
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
-        config = model.config
-        config.no_sync_func = self.model[0].no_sync
+        config = chunks[0].config  # shared by the chunks
+        # the interleaved schedule enters every chunk's no_sync (schedules.py:926)
+        config.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
         self.state = RunState()
@@ -70,7 +71,7 @@ class Trainer:
         path = ckpt.latest_checkpoint(c.save_dir)
         if path:
             ckpt.check_compatible(path, ckpt.read_common(path), self.cfg.model, self.vocab_size)
-            extra = ckpt.load(path, self.model[0], self.optimizer, self.scheduler)
+            extra = ckpt.load(path, self.model, self.optimizer, self.scheduler)
             self.state = RunState(extra["iteration"], extra["consumed_samples"], extra["skipped_iterations"])
             return f"resumed from {path} at iteration {self.state.iteration}"
         if c.init_from:
@@ -78,7 +79,7 @@ class Trainer:
             if not src:
                 raise FileNotFoundError(f"checkpoint.init_from={c.init_from!r} has no complete checkpoint")
             ckpt.check_compatible(src, ckpt.read_common(src), self.cfg.model, self.vocab_size)
-            ckpt.load(src, self.model[0])
+            ckpt.load(src, self.model)
             self._reload_main_params()
             return f"initialised weights from {src}"
         return "starting from scratch"
@@ -95,7 +96,7 @@ class Trainer:
                   "config": to_dict(self.cfg), "config_yaml": yaml.safe_dump(to_dict(self.cfg)),
                   "vocab_size": self.vocab_size}
         c = self.cfg.checkpoint
-        return ckpt.save(c.save_dir, self.state.iteration, self.model[0], self.optimizer, self.scheduler, common,
+        return ckpt.save(c.save_dir, self.state.iteration, self.model, self.optimizer, self.scheduler, common,
                          c.keep_last)
 
     # -- one optimizer step ----------------------------------------------------------------
@@ -139,8 +140,10 @@ class Trainer:
         shards = [self._shard(mb) for mb in micro_batches]
         # seq_length: the global one; the schedule divides by CP (and TP with SP). Packed
         # shards differ in length (pads per document), so packing needs PP = 1 (validate()).
+        # Interleaved: each chunk walks the same micro-batches, so each gets its own iterator.
+        data = [iter(shards) for _ in self.model] if len(self.model) > 1 else iter(shards)
         out = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=iter(shards), model=self.model,
+            forward_step_func=self._forward_step, data_iterator=data, model=self.model,
             num_microbatches=len(shards), seq_length=self.cfg.data.seq_length,
             micro_batch_size=shards[0]["tokens"].shape[0], forward_only=forward_only)
         totals = collective_tensor([0.0, 0.0], torch.float64, ps.get_data_parallel_group(with_context_parallel=True))
@@ -262,5 +265,7 @@ def run_stage(cfg: TrainConfig) -> int:
 
 
 def model_of(trainer: Trainer):
-    """The bare GPTModel a trainer trains (for tests and tools)."""
-    return unwrap(trainer.model[0])
+    """The bare GPTModel a trainer trains (for tests and tools); with an interleaved
+    pipeline, the list of this rank's chunks (GPTModels)."""
+    chunks = unwrap(trainer.model)
+    return chunks[0] if len(chunks) == 1 else chunks

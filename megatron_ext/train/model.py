@@ -1,14 +1,15 @@
 """The model as Megatron-LM builds it: megatron-core's parallel_state, a GPTModel
 with our CP attention and extended RoPE, bf16 parameters under ``Float16Module``,
 and megatron-core's ``DistributedDataParallel`` (bucketed grad reduction over DP x CP
-into a contiguous fp32 grad buffer)."""
+into a contiguous fp32 grad buffer). With an interleaved pipeline (VP > 1) a rank
+holds VP model chunks, one GPTModel per virtual stage."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, virtual_pipeline_size
 
 
 def use_bf16(cfg: TrainConfig) -> bool:
@@ -32,6 +33,11 @@ def transformer_config(cfg: TrainConfig):
         init_method_std=m.init_method_std, attention_dropout=0.0, hidden_dropout=0.0,
         tensor_model_parallel_size=p.tensor_model_parallel_size, sequence_parallel=sequence_parallel(cfg),
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(cfg),  # chunk layer offsets
+        # interleaved: unbatched P2P in megatron-core's even/odd order, as Megatron-LM runs it;
+        # batched, at PP=2 a rank's activation and gradient sends to its one peer cross over
+        overlap_p2p_comm=virtual_pipeline_size(cfg) is not None,
+        batch_p2p_comm=virtual_pipeline_size(cfg) is None,
         context_parallel_size=p.context_parallel_size,
         cp_comm_type=p.cp_comm_type if p.context_parallel_size > 1 else None,
         softmax_scale=attention_scale_factor(m.rope) / math.sqrt(kv),
@@ -58,30 +64,54 @@ def sequence_parallel(cfg: TrainConfig) -> bool:
 def build_model(cfg: TrainConfig, vocab_size: int):
     """The bare megatron-core GPTModel for ``cfg`` (CP attention, extended RoPE), on this
     rank's device, parameters in fp32. Needs parallel_state initialised with
-    cfg.parallel's sizes. Returns (model, bf16)."""
+    cfg.parallel's sizes, without virtual stages (see :func:`build_model_chunks`).
+    Returns (model, bf16)."""
+    if virtual_pipeline_size(cfg):
+        raise ValueError(f"build_model builds one model; parallel.virtual_pipeline_model_parallel_size "
+                         f"{cfg.parallel.virtual_pipeline_model_parallel_size} needs build_model_chunks")
+    chunks, bf16 = build_model_chunks(cfg, vocab_size)
+    return chunks[0], bf16
+
+
+def build_model_chunks(cfg: TrainConfig, vocab_size: int):
+    """This rank's model chunks: one GPTModel per virtual pipeline stage (one without
+    interleaving), each holding its stage's layers at their global offsets. Seeds once,
+    so the chunks draw different initial weights. Returns (chunks, bf16)."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    config = transformer_config(cfg)
+    vp = virtual_pipeline_size(cfg)
+    chunks = [_build_chunk(cfg, config, vocab_size, i if vp else None) for i in range(vp or 1)]
+    return chunks, use_bf16(cfg)
+
+
+def _build_chunk(cfg: TrainConfig, config, vocab_size: int, vp_stage):
+    """One GPTModel: the first (virtual) stage embeds, the last has the output layer and loss."""
+    from megatron.core import parallel_state
 
     from ..megatron.model import build_gpt_model
     from ..megatron.specs import get_gpt_layer_cp_spec
 
-    from megatron.core import parallel_state
-
     m = cfg.model
-    model_parallel_cuda_manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    # this pipeline stage's layers; the first stage embeds, the last one has the output layer and loss
-    model = build_gpt_model(transformer_config(cfg), vocab_size=vocab_size, max_sequence_length=cfg.data.seq_length,
+    model = build_gpt_model(config, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_length,
                             rope=m.rope, layer_spec=get_gpt_layer_cp_spec(normalization=m.normalization),
                             share_embeddings_and_output_weights=not m.untie_embeddings,
-                            pre_process=parallel_state.is_pipeline_first_stage(),
-                            post_process=parallel_state.is_pipeline_last_stage())
-    return (model.cuda() if torch.cuda.is_available() else model), use_bf16(cfg)
+                            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                                               vp_stage=vp_stage),
+                            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                                               vp_stage=vp_stage),
+                            vp_stage=vp_stage)
+    return model.cuda() if torch.cuda.is_available() else model
 
 
-def wrap_model(cfg: TrainConfig, model):
+def wrap_model(cfg: TrainConfig, model, chunk: int = 0):
     """``Float16Module`` (bf16) and megatron-core DDP around ``model``; returns the DDP
     module. Grads are reduced in fp32 buckets over DP x CP (reduce-scatter with the
-    distributed optimizer)."""
+    distributed optimizer). ``chunk``: the model chunk's index; chunks after the first
+    get one bucket (no bucketing), as Megatron-LM's get_model does, since their
+    reduction overlaps the other chunks' compute anyway."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
@@ -92,7 +122,7 @@ def wrap_model(cfg: TrainConfig, model):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
         use_distributed_optimizer=p.use_distributed_optimizer)
-    return DistributedDataParallel(config, ddp_config, model)
+    return DistributedDataParallel(config, ddp_config, model, disable_bucketing=chunk > 0)
 
 
 def init_model_parallel(cfg: TrainConfig):
@@ -109,13 +139,17 @@ def init_model_parallel(cfg: TrainConfig):
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size, context_parallel_size=p.context_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(cfg),
         hierarchical_context_parallel_sizes=[p.ulysses_size, p.context_parallel_size // p.ulysses_size]
         if p.cp_comm_type == "a2a+p2p" else None)
     return parallel_state
 
 
 def unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
+    """The GPTModel inside DDP / Float16Module wrappers; for a list of model chunks, the
+    list of their GPTModels."""
+    if isinstance(model, (list, tuple)):
+        return [unwrap(chunk) for chunk in model]
     while hasattr(model, "module"):
         model = model.module
     return model
