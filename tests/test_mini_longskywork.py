@@ -75,7 +75,7 @@ def test_toy_run_killed_mid_arm_resumes_without_repeating_a_stage(tmp_path):
 def test_arms_share_stages_and_verdict_reads_the_numbers():
     assert [s.name for s in needed(["full"])] == ["base", "cpt", "sft", "long_sft"]
     assert [s.name for s in needed(["no-cip"])] == ["base", "cpt_concat", "sft_concat", "long_sft_concat"]
-    assert len(needed(list(ARMS))) == len(STAGES) == 8  # no stage twice
+    assert len(needed(list(ARMS))) == len(STAGES) - 1 == 8  # no stage twice; the template arm adds one
     arms = {a: {"passkey": {"4096": 0.1}, "needle": {"4096": 0.1}, "synl": {"4096": 0.0}} for a in ARMS}
     arms["full"] = {"passkey": {"4096": 0.95}, "needle": {"4096": 0.9}, "synl": {"4096": 0.5}}
     lines = report.verdict({"L0": 512, "L1": 4096, "arms": arms})

@@ -24,7 +24,7 @@ from data_tools.common import atomic_write
 
 from . import data, report
 from .config import ExperimentConfig, toy_config
-from .stages import ARMS, needed, write_configs
+from .stages import ALL_ARMS, ARMS, STAGES, TEMPLATE_ARMS, needed, write_configs
 from .worker import PREFIX, load_experiment
 
 _ITER = re.compile(r"iteration\s+(\d+)/(\d+).*lm loss: ([0-9.eE+-]+)")
@@ -32,9 +32,9 @@ _ITER = re.compile(r"iteration\s+(\d+)/(\d+).*lm loss: ([0-9.eE+-]+)")
 
 def parse_arms(text: str):
     arms = list(ARMS) if text == "all" else [a.strip() for a in text.split(",") if a.strip()]
-    bad = [a for a in arms if a not in ARMS]
+    bad = [a for a in arms if a not in ALL_ARMS]
     if bad or not arms:
-        raise ValueError(f"--arms: unknown arm(s) {bad}; expected 'all' or a comma list of {list(ARMS)}")
+        raise ValueError(f"--arms: unknown arm(s) {bad}; expected 'all' or a comma list of {list(ALL_ARMS)}")
     return arms
 
 
@@ -94,7 +94,8 @@ def run_worker(out: str, plan: dict, progress: Progress) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megatron_ext.experiments.mini_longskywork", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arms", default="all", help=f"'all' or a comma list of {', '.join(ARMS)}")
+    ap.add_argument("--arms", default="all", help=f"'all' ({', '.join(ARMS)}) or a comma list of those; "
+                    f"{', '.join(TEMPLATE_ARMS)} is a diagnostic arm that trains on the evaluation's template")
     ap.add_argument("--out", default="runs/mini", help="run folder (results.json, report.md, stages/, eval/)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out; finished work is skipped")
     ap.add_argument("--toy", action="store_true", help="toy sizes (the smoke test): 2 iterations a stage, one length")
@@ -108,8 +109,10 @@ def main(argv=None) -> int:
         return 2
     print(f"mini_longskywork: arms {', '.join(arms)} -> {args.out}", flush=True)
     paths = data.build(cfg, args.out, log=lambda s: print(s, flush=True))
+    if any(a in TEMPLATE_ARMS for a in arms):
+        paths["long_template"] = data.build_template(cfg, args.out)
     stages = write_configs(cfg, needed(arms), paths, args.out)
-    evals = [{"arm": a, "stage_dir": f"{args.out}/stages/{ARMS[a]}", "out": f"{args.out}/eval/{a}.json"} for a in arms]
+    evals = [{"arm": a, "stage_dir": f"{args.out}/stages/{ALL_ARMS[a]}", "out": f"{args.out}/eval/{a}.json"} for a in arms]
     os.makedirs(f"{args.out}/eval", exist_ok=True)
     for s in stages:
         if os.path.exists(f"{s['folder']}/DONE.json"):
@@ -119,8 +122,10 @@ def main(argv=None) -> int:
         run_worker(args.out, plan, Progress(stages, t0))
     finally:
         _add_time(args.out, time.monotonic() - t0)
-    recs = [json.load(open(f"{s['folder']}/DONE.json")) for s in stages]
-    results = {e["arm"]: json.load(open(e["out"])) for e in evals}
+    # the report covers every finished stage and arm of the run folder, not only this call's
+    recs = [json.load(open(f)) for f in (f"{args.out}/stages/{s.name}/DONE.json" for s in STAGES) if os.path.exists(f)]
+    results = {a: json.load(open(f)) for a, f in ((a, f"{args.out}/eval/{a}.json") for a in ALL_ARMS)
+               if os.path.exists(f)}
     setup = json.load(open(f"{args.out}/data/DONE.json")).get("setup", [])
     res = report.write(cfg, args.out, recs, results, json.load(open(f"{args.out}/timing.json"))["seconds"], setup)
     for arm, a in res["arms"].items():

@@ -62,6 +62,27 @@ def _sft_examples(cfg: ExperimentConfig, tok: str, d: str, name: str, seed: int)
     return f"{d}/{name}.jsonl"
 
 
+def build_template(cfg: ExperimentConfig, root: str) -> str:
+    """The diagnostic arm's long SFT data: the main long mix plus passkey and needle samples
+    made with the evaluation's own templates (other keys, depths and a training-document
+    haystack). Returns its prefix; built once."""
+    d, tok = f"{root}/data", f"{root}/tok.model"
+    prefix = f"{d}/long_template"
+    if os.path.exists(f"{prefix}_text_document.idx"):
+        return prefix
+    lengths = ",".join(str(n) for n in sorted({cfg.l0, cfg.l1 // 4, cfg.l1 // 2, cfg.l1 - 96}))
+    parts = []
+    for kind, seed in (("passkey", 7), ("needle", 8), ("passkey", 9), ("needle", 10)):
+        parts.append(f"{d}/template_{kind}_{seed}.jsonl")
+        extra = ["--haystack", f"{root}/docs.jsonl"] if kind == "needle" else []
+        tool("data_tools.synth", "needle", "--output", parts[-1], "--lengths", lengths, "--depths", "2.5:97.5:5",
+             "--tokenizer-model", tok, "--kind", kind, "--seed", str(seed), *extra)
+    _cat(f"{d}/long_template.jsonl", [f"{d}/long_mix.jsonl"] + parts)
+    tool("data_tools.preprocess", "--input", f"{d}/long_template.jsonl", "--output-prefix", prefix,
+         "--tokenizer-model", tok, "--sft")
+    return prefix
+
+
 def build(cfg: ExperimentConfig, root: str, log=print) -> Dict[str, str]:
     """Every dataset prefix the stages read, keyed by name; skips what exists (resume)."""
     d = f"{root}/data"
@@ -98,7 +119,8 @@ def build(cfg: ExperimentConfig, root: str, log=print) -> Dict[str, str]:
               f"SFT data: short SynL tables of {list(cfg.sft_targets)} tokens, {cfg.sft_examples} examples.",
               f"Long SFT data: {cfg.long_synl_examples} SynL tables of ~{int(cfg.l1 * 0.95)} tokens plus "
               f"{cfg.sft_examples} fresh short SFT examples, packed to {cfg.l1} (arm no-synl: the short ones only).",
-              "Never trained on: the passkey filler and wording, the needle sentence and question, the "
-              "haystack documents, and the held-out SynL tables (string seeds)."]
+              "The six main arms never train on the passkey filler and wording, the needle sentence and "
+              "question, the haystack documents or the held-out SynL tables (string seeds); only the "
+              "labelled diagnostic arm full+retrieval-data trains on the passkey/needle templates."]
     atomic_write(done, json.dumps({"setup": setup}).encode())
     return dict(prefixes, tokenizer=tok, haystack=f"{root}/haystack.jsonl")

@@ -46,19 +46,26 @@ STAGES: List[Stage] = [
     Stage("cpt_concat", "base", "concat", "pretrain", True, "cpt"),
     Stage("sft_concat", "cpt_concat", "sft", "sft", False, "sft"),
     Stage("long_sft_concat", "sft_concat", "long_mix", "long_sft", True, "long_sft"),
+    Stage("long_sft_template", "sft", "long_template", "long_sft", True, "long_sft"),
 ]
 """In run order: the main line first, so a stop early still yields the main arms."""
 
 ARMS: Dict[str, str] = {"base": "base", "cpt-only": "cpt", "full": "long_sft", "no-long-sft": "sft",
                         "no-cip": "long_sft_concat", "no-synl": "long_sft_nosynl"}
-"""Arm -> the stage whose final weights it evaluates."""
+"""Arm -> the stage whose final weights it evaluates (``--arms all``)."""
+
+TEMPLATE_ARMS: Dict[str, str] = {"full+retrieval-data": "long_sft_template"}
+"""Diagnostic arms that TRAIN ON THE EVALUATION'S TEMPLATE (passkey/needle-style samples
+in the long SFT). Never part of ``all``; the report keeps them apart and labels them."""
+
+ALL_ARMS: Dict[str, str] = {**ARMS, **TEMPLATE_ARMS}
 
 
 def needed(arms: List[str]) -> List[Stage]:
     """The stages the arms need (their ancestors included), in run order."""
     want = set()
     for arm in arms:
-        name = ARMS[arm]
+        name = ALL_ARMS[arm]
         while name:
             want.add(name)
             name = next(s.parent for s in STAGES if s.name == name)
