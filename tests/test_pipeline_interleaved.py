@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.test_train import losses
 from tests.test_train_core import CONFIG, _cfg
@@ -117,3 +118,27 @@ def test_interleaved_pipeline_config_refusals():
                           "--world-size", "4", *[x for s in ok + ["parallel.context_parallel_size=1"]
                                                  for x in ("--set", s)]], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "PP=2 (virtual 2) CP=1" in res.stdout, res.stderr
+
+
+def _first_layer_weight(rank, world):
+    from megatron_ext.train.config import TrainConfig
+    from megatron_ext.train.model import build_model, init_model_parallel, init_seed
+
+    cfg = TrainConfig()
+    cfg.parallel.pipeline_model_parallel_size = 2
+    cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_hidden_size = 2, 32, 64
+    cfg.model.num_attention_heads = cfg.model.num_query_groups = 2
+    init_model_parallel(cfg)
+    model, _ = build_model(cfg, 64)
+    layer = model.decoder.layers[0]
+    return init_seed(cfg), layer.layer_number, layer.mlp.linear_fc1.weight.detach().clone()
+
+
+def test_pipeline_stages_draw_their_layers_from_different_seeds():
+    """Megatron-LM seeds each pipeline rank with seed + 100 x rank; stage 1's first layer
+    (global layer 2) must not start as a copy of stage 0's (global layer 1)."""
+    from megatron_ext.distributed import spawn_ranks
+
+    (s0, n0, w0), (s1, n1, w1) = spawn_ranks(_first_layer_weight, 2, timeout_s=120)
+    assert (s1 - s0, n0, n1) == (100, 1, 2)
+    assert w0.shape == w1.shape and not torch.equal(w0, w1)

@@ -73,14 +73,24 @@ def build_model(cfg: TrainConfig, vocab_size: int):
     return chunks[0], bf16
 
 
+def init_seed(cfg: TrainConfig) -> int:
+    """The init seed of this rank: ``cfg.seed + 100 x pipeline rank``, as Megatron-LM seeds,
+    so pipeline stages do not draw their layers from the same random stream (DP and TP
+    ranks share it: DP replicas must start equal; TP shards come from one master weight)."""
+    from megatron.core import parallel_state
+
+    return cfg.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+
+
 def build_model_chunks(cfg: TrainConfig, vocab_size: int):
     """This rank's model chunks: one GPTModel per virtual pipeline stage (one without
     interleaving), each holding its stage's layers at their global offsets. Seeds once,
     so the chunks draw different initial weights. Returns (chunks, bf16)."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    model_parallel_cuda_manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed = init_seed(cfg)
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
     config = transformer_config(cfg)
     vp = virtual_pipeline_size(cfg)
     chunks = [_build_chunk(cfg, config, vocab_size, i if vp else None) for i in range(vp or 1)]
