@@ -314,9 +314,8 @@ def virtual_pipeline_size(cfg: TrainConfig) -> Optional[int]:
 
 def _check_virtual_pipeline(cfg: TrainConfig) -> None:
     """Interleaved 1F1B: each of the PP x VP chunks gets an equal share of the layers."""
-    p, layers = cfg.parallel, cfg.model.num_layers
-    vp, pp = p.virtual_pipeline_model_parallel_size, p.pipeline_model_parallel_size
-    if vp is None or vp == 1:
+    vp, pp, layers = virtual_pipeline_size(cfg), cfg.parallel.pipeline_model_parallel_size, cfg.model.num_layers
+    if vp is None:
         return
     if vp < 1:
         raise ValueError(f"parallel.virtual_pipeline_model_parallel_size {vp} must be unset or >= 1")
