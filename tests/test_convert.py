@@ -201,3 +201,28 @@ def test_train_from_imported_model_first_loss_equals_hf(tokenizer, sp, tmp_path)
     with torch.no_grad():
         hf_loss = torch.nn.functional.cross_entropy(model(doc[None]).logits[0].double(), labels).item()
     assert abs(first - hf_loss) <= 1e-4 * hf_loss, (first, hf_loss)
+
+
+def test_logits_model_loads_once_and_equals_forward_logits(tmp_path, monkeypatch):
+    """Dynamic NTK: 95 and 96 tokens share megatron-core's cached RoPE table length (96) but not
+    the length they scale for, so a reused model must not reuse the table."""
+    from megatron_ext.convert import LogitsModel, logits as logits_mod
+
+    model = _hf_model("llama", seed=3, max_position_embeddings=32, rope_scaling=dict(ROPE_KINDS["dynamic"]))
+    import_hf(_save(model, tmp_path / "hf"), str(tmp_path / "ours"))
+    batches = [torch.randint(0, 512, (2, n)) for n in (95, 96, 40, 95)]
+    expected = [forward_logits(str(tmp_path / "ours"), ids) for ids in batches]
+    loads = []
+    real = logits_mod.load_model_weights
+    monkeypatch.setattr(logits_mod, "load_model_weights", lambda *a: (loads.append(a[0]), real(*a))[1])
+    before = torch.random.get_rng_state()
+    with LogitsModel.load(str(tmp_path / "ours")) as lm:
+        assert torch.equal(torch.random.get_rng_state(), before)  # loading leaves the caller's RNG alone
+        got = [lm.logits(ids) for ids in batches]
+    assert len(loads) == 1
+    for ids, ours, want in zip(batches, got, expected):
+        assert ours.shape == (2, ids.shape[1], 512) and torch.equal(ours, want)
+        fresh = _hf_model("llama", seed=3, max_position_embeddings=32, rope_scaling=dict(ROPE_KINDS["dynamic"]))
+        assert (ours - _hf_logits(fresh, ids)).abs().max().item() <= 1e-4  # HF's dynamic RoPE keeps state: fresh
+    with pytest.raises(RuntimeError, match="is closed"):
+        lm.logits(batches[0])
