@@ -138,15 +138,18 @@ def test_bad_jsonl_zst_line_names_file_and_line(tokenizer, tmp_path):
     assert res.returncode == 2 and f"{path}:4: not a string" in res.stderr
 
 
-@pytest.mark.parametrize("kind", ["parquet", "zst"])
+@pytest.mark.parametrize("kind", ["parquet", "datasets", "zst", "gz"])
 def test_crash_then_resume_is_byte_identical(kind, tokenizer, tmp_path):
     recs = rows(600, seed=8)
+    raw = "".join(json.dumps(r) + "\n" for r in recs).encode()
     if kind == "parquet":
         src = write_parquet(tmp_path / "big.parquet", recs, 50)
+    elif kind == "datasets":
+        src = write_dataset(tmp_path / "big_ds", recs, shards=3)
     else:
-        src = str(tmp_path / "big.jsonl.zst")
-        (tmp_path / "big.jsonl.zst").write_bytes(
-            zstandard.ZstdCompressor().compress("".join(json.dumps(r) + "\n" for r in recs).encode()))
+        src = str(tmp_path / f"big.jsonl.{kind}")
+        pack = zstandard.ZstdCompressor().compress if kind == "zst" else gzip.compress
+        (tmp_path / f"big.jsonl.{kind}").write_bytes(pack(raw))
     flags = ["--append-eod", "--batch-bytes", "3000", "--checkpoint-seconds", "0", "--workers", "2"]
     preprocess([src], tmp_path / "clean", tokenizer, *flags)
     crash("checkpoint", 6, src, tmp_path / "cut", tokenizer, *flags)
