@@ -13,7 +13,9 @@ columns of Parquet and datasets input (:mod:`data_tools.tables`).
 ``--tokenizer-model`` is a sentencepiece ``PATH.model`` or ``hf:DIR`` (a Hugging
 Face ``tokenizer.json``); the EOD id is the tokenizer's EOS. Writes
 ``P_{key}_document.bin/.idx`` (with ``--sft`` also the aligned uint8
-``P_loss_mask_document``: 1 on response tokens and the EOD).
+``P_loss_mask_document``: 1 on response tokens and the EOD). An SFT record is
+tokenized as one text, prompt + implied separator + response, and the mask
+starts at the suffix after the prompt (:mod:`data_tools.segments`).
 
 Pipeline: the main thread cuts the input into blocks of whole lines
 (:mod:`data_tools.batches`); ``--workers`` threads parse, tokenize (the tokenizer runs
@@ -53,6 +55,7 @@ from .common import COMPRESSED, atomic_write, input_stamp, load_tokenizer, progr
 from .idxwrite import UINT8, token_code
 from .outputs import Output, encode, flatten, flatten_sft
 from .records import REASONS
+from .segments import split_encoded, texts_to_encode
 from .sysinfo import peak_rss_bytes
 
 MASK_DATASET = "loss_mask"
@@ -105,8 +108,11 @@ class Preprocessor:
             eod = self.eod if a.append_eod else None
             return {key: flatten(encode(self.tok, texts), self.code, eod)
                     for key, texts in zip(a.json_keys, records)}
-        ids = self.tok.encode_batch([text for r in records for text, _ in r])
-        tokens, mask, lengths = flatten_sft(ids, records, self.code, self.eod)
+        # Each record is tokenized as one text, cut where the loss mask changes (the suffix rule).
+        texts = [texts_to_encode(r) for r in records]
+        ids = iter(self.tok.encode_batch([t for ts in texts for t in ts]))
+        per_record = [split_encoded(r, [next(ids) for _ in ts]) for r, ts in zip(records, texts)]
+        tokens, mask, lengths = flatten_sft(per_record, self.code, self.eod)
         return {"text": (tokens, lengths), MASK_DATASET: (mask, lengths)}
 
     def write(self, encoded, batch: Batch) -> None:
