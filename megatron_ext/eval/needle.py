@@ -28,6 +28,7 @@ import torch.distributed as dist
 from data_tools.common import DataError, parse_int_list
 from data_tools.synth.needle import needle_sample, parse_depths, read_haystack
 
+from ..cli import add_output_flags, quiet_cli
 from ..rope import RopeConfig
 from . import results
 from .model import CheckpointInfo, check_tokenizer, eval_rope, read_checkpoint
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extend the checkpoint's RoPE at evaluation time (with --rope-factor)")
     ap.add_argument("--rope-factor", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="needle values and placement")
-    return ap
+    return add_output_flags(ap)
 
 
 def make_plan(args) -> Plan:
@@ -191,6 +192,7 @@ def _report(plan: Plan) -> None:
 
 
 def main(argv=None) -> int:
+    quiet_cli(argv)
     args = build_parser().parse_args(argv)
     try:
         plan = make_plan(args)
