@@ -9,11 +9,11 @@ inside ``catch_warnings``: no warning filter outlives this import. On CUDA, or w
 import importlib
 import warnings
 
-import torch
-
 from data_tools.quiet import GPU_FALLBACK, verbose_requested
 
 with warnings.catch_warnings():
+    import torch  # inside: as before, the filters torch and numpy install at import do not outlive this block
+
     if not torch.cuda.is_available() and not verbose_requested():
         _message, _category, _module = GPU_FALLBACK
         warnings.filterwarnings("ignore", message=_message, category=_category, module=_module)
