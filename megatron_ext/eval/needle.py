@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extend the checkpoint's RoPE at evaluation time (with --rope-factor)")
     ap.add_argument("--rope-factor", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="needle values and placement")
-    return add_output_flags(ap)
+    return ap
 
 
 def make_plan(args) -> Plan:
@@ -196,7 +196,7 @@ def _report(plan: Plan) -> None:
 
 def main(argv=None) -> int:
     quiet_cli(argv)
-    args = build_parser().parse_args(argv)
+    args = add_output_flags(build_parser()).parse_args(argv)
     try:
         plan = make_plan(args)
     except (ValueError, FileNotFoundError, DataError) as e:
