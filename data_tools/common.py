@@ -143,8 +143,11 @@ class _Silent:
 
 
 def progress(total=None, unit="doc", desc="", unit_scale=False):
-    """A tqdm bar on a terminal (stderr), silent otherwise."""
-    if not sys.stderr.isatty():
+    """A tqdm bar on a terminal (stderr) unless switched off (--no-progress,
+    MEGATRON_EXT_PROGRESS=0; data_tools.quiet), silent otherwise."""
+    from .quiet import progress_enabled
+
+    if not progress_enabled():
         return _Silent()
     from tqdm import tqdm
 

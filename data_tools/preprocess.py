@@ -52,6 +52,7 @@ from typing import Dict
 from .batches import Batch, parse, read_batches
 from .tables import is_table
 from .common import COMPRESSED, atomic_write, input_stamp, load_tokenizer, progress
+from .quiet import add_output_flags, quiet_cli
 from .idxwrite import UINT8, token_code
 from .outputs import Output, encode, flatten, flatten_sft
 from .records import REASONS
@@ -285,10 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="input per tokenizer batch (small batches keep every worker busy to the end)")
     ap.add_argument("--checkpoint-seconds", type=float, default=2.0,
                     help="save resume progress at most this often (and at the end)")
-    return ap
+    return add_output_flags(ap)
 
 
 def main(argv=None) -> int:
+    quiet_cli(argv)
     args = build_parser().parse_args(argv)
     t0 = time.monotonic()
     try:

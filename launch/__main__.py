@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 from data_tools.common import atomic_write
+from data_tools.quiet import add_output_flags, quiet_cli
 
 from .render import JobSpec, TEMPLATES, render
 
@@ -59,6 +60,7 @@ def _spec(args, template: str) -> JobSpec:
 
 
 def main(argv=None) -> int:
+    quiet_cli(argv)
     ap = _OneLineParser(prog="python -m launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
     s = sub.add_parser("submit", help="render a SLURM script and sbatch it")
     _add_common(s, template_choice=False)
     s.add_argument("--dry-run", action="store_true", help="print the script instead of submitting")
+    add_output_flags(r)
+    add_output_flags(s)
     args = ap.parse_args(argv)
     template = args.template if args.command == "render" else "slurm"
     try:

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from ..cli import add_output_flags, quiet_cli
 from .hf_config import ConversionError
 
 
@@ -26,10 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", required=True, help="save_dir (newest complete step) or step-N folder")
     exp.add_argument("--out", required=True, help="HF folder to write")
     exp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the written tensors")
+    add_output_flags(imp)
+    add_output_flags(exp)
     return p
 
 
 def main(argv=None) -> int:
+    quiet_cli(argv)
     args = _parser().parse_args(argv)
     from .api import export_hf, import_hf
 

@@ -7,7 +7,7 @@ import os
 import torch
 import yaml
 
-from data_tools.common import atomic_write
+from data_tools.common import atomic_write, progress
 from ..train.config import CheckpointConfig, to_dict
 from .hf_config import ConversionError, architecture, hf_config_from_train, train_config_from_hf
 from .hf_files import token_ids, tokenizer_source, write_tokenizer_files
@@ -41,10 +41,11 @@ def import_hf(hf_dir: str, out: str, dtype: str = "") -> str:
         model = build_fp32_model(cfg, cfg.model.vocab_size)
         params = dict(model.named_parameters())
         done = set()
-        with torch.no_grad():
+        with torch.no_grad(), progress(total=len(params), unit="tensor", desc="import-hf") as bar:
             for name, tensor in hf_to_mcore(lambda n: tensors[n][1]().float(), cfg.model, params):
                 params[name].copy_(tensor)
                 done.add(name)
+                bar.update(1)
         if done != set(params):  # the mapping and the builder disagree: a bug, not bad input
             raise RuntimeError(f"HF mapping left {sorted(set(params) - done)} unset and produced "
                                f"{sorted(done - set(params))}")
@@ -64,11 +65,14 @@ def export_hf(checkpoint: str, out: str, dtype: str = "fp32") -> str:
     source = tokenizer_source(cfg.data.tokenizer_model)
     ids = token_ids(cfg.data.tokenizer_model, source) if source else {}
     hf = {**hf_config_from_train(cfg, vocab, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), **ids}
-    with single_process():
+    with single_process(), progress(total=3, unit="step", desc="export-hf") as bar:  # load, map, write
         model = build_fp32_model(cfg, vocab)
         load_model_weights(step, model)
+        bar.update(1)
         tensors = mcore_to_hf(dict(model.named_parameters()), dataclasses.replace(cfg.model, vocab_size=vocab))
-    write_hf_folder(out, hf, {k: v.to(DTYPES[dtype]) for k, v in tensors.items()})
+        bar.update(1)
+        write_hf_folder(out, hf, {k: v.to(DTYPES[dtype]) for k, v in tensors.items()})
+        bar.update(1)
     if source:
         write_tokenizer_files(source, out, ids)
     return architecture(hf, out)

@@ -31,11 +31,12 @@ from typing import List
 
 import torch.distributed as dist
 
-from data_tools.common import DataError, parse_int_list
+from data_tools.common import DataError, parse_int_list, progress
 from data_tools.segments import encode_pair
 from data_tools.synth.needle import needle_sample, parse_depths, read_haystack
 from data_tools.tokenizing import canonical_spec
 
+from ..cli import add_output_flags, quiet_cli
 from ..rope import RopeConfig
 from . import results
 from .model import CheckpointInfo, check_tokenizer, eval_rope, read_checkpoint
@@ -182,13 +183,16 @@ def run(plan: Plan) -> int:
     if rank == 0:
         print(f"needle: {plan.args.kind}, {total} cells, {total - len(todo)} already finished in {out}; "
               f"CP={plan.cp} ({plan.args.cp_comm_type}), checkpoint {plan.info.path}", flush=True)
+    bar = progress(total=len(todo), unit="cell", desc=plan.args.kind) if rank == 0 else None
     for length, depth in todo:
         cell = _from_rank0(lambda: make_cell(plan, sp, length, depth))
         t0 = time.perf_counter()
         score = score_answer(model, cell["prompt_ids"], cell["answer_ids"], cp_group, bf16)
         if rank == 0:
             _record(plan, cell, score, length, depth, time.perf_counter() - t0)
+            bar.update(1)
     if rank == 0:
+        bar.close()
         _report(plan)
     dist.barrier()
     return 0
@@ -218,7 +222,8 @@ def _report(plan: Plan) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    quiet_cli(argv)
+    args = add_output_flags(build_parser()).parse_args(argv)
     try:
         plan = make_plan(args)
     except (ValueError, FileNotFoundError, DataError) as e:

@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 import yaml
 
+from ..cli import add_output_flags, quiet_cli
 from .config import load_config, validate
 
 
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph_scope).*")
+    quiet_cli(argv)
     ap = argparse.ArgumentParser(prog="python -m megatron_ext.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML training config")
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; needs no GPUs")
     ap.add_argument("--world-size", type=int, default=None, help="with --dry-run: the planned number of GPUs")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="with --dry-run: memory per GPU")
+    add_output_flags(ap)
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
