@@ -1,0 +1,103 @@
+"""python -m bench.gpu_check [--sections 1,2,3,4,5,6] [--cpu-only] [--perturb-reference]
+
+Installs the wheels of ``.whl/`` whose modules are missing (``make gpu-wheels``), runs
+the sections, prints one table and writes bench/results/gpu_check.json. Exit 1 when a
+row FAILs or none PASSes. ``--perturb-reference`` is the self-test: every reference
+is scaled and every bound tightened, so every row that runs must FAIL.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .wheels import REPO, ensure_wheels
+
+SECTIONS = ("1", "2", "3", "4", "5", "6")
+
+
+@dataclass
+class Context:
+    """What the sections share."""
+
+    cuda: bool
+    """A CUDA device is visible: CUDA-only rows run, else they SKIP."""
+    work: str
+    """Scratch folder (corpus, tokenizer, checkpoints)."""
+    state: dict = field(default_factory=dict)
+    """Hand-offs: "data" (section 3 -> 6), "checkpoint" (section 3 -> 4)."""
+
+
+def run_sections(ctx: Context, sections) -> list:
+    from . import kernels, logits, packed, training
+
+    table = {"1": lambda: kernels.exact_rows(ctx.cuda), "2": lambda: packed.packed_rows(ctx.cuda),
+             "3": lambda: training.resume_rows(ctx), "4": lambda: logits.logits_rows(ctx),
+             "5": lambda: kernels.speed_rows(ctx.cuda), "6": lambda: training.mfu_rows(ctx)}
+    rows = []
+    for s in sections:
+        t0 = time.perf_counter()
+        rows += table[s]()
+        print(f"gpu_check: section {s} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return rows
+
+
+def parse_sections(text: str) -> list:
+    """"1,3" -> ["1", "3"]; ValueError naming an unknown section."""
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in chosen if s not in SECTIONS]
+    if bad or not chosen:
+        raise ValueError(f"--sections {text!r}: unknown {bad}; choose from {','.join(SECTIONS)}")
+    if "4" in chosen and "3" not in chosen:
+        raise ValueError("--sections: section 4 reads section 3's checkpoint; add 3")
+    return sorted(chosen)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated sections to run")
+    ap.add_argument("--cpu-only", action="store_true", help="hide the GPUs (CUDA_VISIBLE_DEVICES='')")
+    ap.add_argument("--perturb-reference", action="store_true", help="self-test: every row must FAIL")
+    ap.add_argument("--work-dir", default=os.path.join(REPO, "runs", "gpu_check"), help="scratch folder")
+    ap.add_argument("--results-dir", default=None, help="where gpu_check.json goes (default bench/results)")
+    args = ap.parse_args(argv)
+    try:
+        sections = parse_sections(args.sections)
+    except ValueError as err:
+        print(f"gpu_check: {err}", file=sys.stderr)
+        return 2
+    if args.cpu_only:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported
+    wheels = ensure_wheels()
+    import torch
+
+    from bench.common import RESULTS_DIR, print_table, write_json
+
+    from .rows import HEADERS, exit_code, set_self_test
+
+    set_self_test(args.perturb_reference)
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "no CUDA device (CPU mode: CUDA-only rows SKIP)"
+    print(f"gpu_check: {device}; torch {torch.__version__}; wheels: {wheels}", flush=True)
+    rows = run_sections(Context(cuda=cuda, work=os.path.abspath(args.work_dir)), sections)
+    import megatron.core
+
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    title = (f"GPU acceptance check, {when}: {device}; torch {torch.__version__}, megatron-core "
+             f"{megatron.core.__version__}" + ("; SELF-TEST (--perturb-reference)" if args.perturb_reference else ""))
+    print_table(title, HEADERS, [r.cells() for r in rows])
+    code = exit_code(rows)
+    path = write_json("gpu_check", {"date": when, "device": device, "self_test": args.perturb_reference,
+                                    "wheels": wheels, "exit_code": code, "rows": [r.to_dict() for r in rows]},
+                      results_dir=args.results_dir or RESULTS_DIR)
+    counts = {s: sum(r.status == s for r in rows) for s in ("PASS", "FAIL", "SKIP")}
+    print(f"\ngpu_check: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP -> {path}")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
