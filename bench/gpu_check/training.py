@@ -38,6 +38,7 @@ ONE_B = ["model.num_layers=20", "model.hidden_size=2048", "model.ffn_hidden_size
 COMMON = ["parallel.context_parallel_size=1", "parallel.use_distributed_optimizer=true", "logging.wandb=false",
           "logging.log_interval=1", "logging.eval_iters=0"]
 CUDA_RESUME_TOL = 1e-2
+SAVE_1B_BYTES = 15 * 2**30  # bf16 weights + fp32 main params + Adam moments of 1.03B parameters
 MFU_FLOOR = 0.20
 
 
@@ -92,12 +93,12 @@ def resume_rows(ctx) -> List[Row]:
     try:
         data = ctx.state.get("data") or ctx.state.setdefault("data", prepare_data(os.path.join(ctx.work, "data")))
         shutil.rmtree(save, ignore_errors=True)
-        _ran(train(data, save, SMALL, precision, 600), "the 20-iteration run")
+        _ran(train(data, save, SMALL, precision, 300), "the 20-iteration run")
         full = read_metrics(save)
         shutil.rmtree(os.path.join(save, "step-20"))
         with open(os.path.join(save, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in full[:10])
-        res = train(data, save, SMALL, precision, 600)
+        res = train(data, save, SMALL, precision, 300)
         _ran(res, "the resumed run")
         resumed = read_metrics(save)[10:]
     except Exception as err:  # noqa: BLE001 - every row of the section reports the crash
@@ -119,6 +120,18 @@ def resume_rows(ctx) -> List[Row]:
     rows.append(at_most(SECTION_TRAIN, names[2], max(abs(a - b) for a, b in zip(got, want)), tol,
                         "max |loss diff| vs the uninterrupted run" + (" (FA2 bwd atomics)" if ctx.cuda else ", bitwise")))
     return rows
+
+
+def _scratch_for(nbytes: int, fallback: str) -> str:
+    """/dev/shm when it is writable and holds ``nbytes`` (the 1B run's final save goes to
+    memory, not disk), else ``fallback``."""
+    try:
+        if os.access("/dev/shm", os.W_OK) and shutil.disk_usage("/dev/shm").free > 1.5 * nbytes:
+            return "/dev/shm"
+    except OSError:
+        pass
+    os.makedirs(fallback, exist_ok=True)
+    return fallback
 
 
 def peak_tflops(device_name: str):
@@ -146,10 +159,9 @@ def _mfu_row(ctx, check: str) -> Row:
     if peak is None:
         return skipped(SECTION_MFU, check, f"no bf16 peak listed for {torch.cuda.get_device_name()}")
     data = ctx.state.get("data") or ctx.state.setdefault("data", prepare_data(os.path.join(ctx.work, "data")))
-    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # the final save (~13 GB): memory, not disk
-    save = tempfile.mkdtemp(prefix="gpu_check_mfu_", dir=shm)
+    save = tempfile.mkdtemp(prefix="gpu_check_mfu_", dir=_scratch_for(SAVE_1B_BYTES, ctx.work))
     try:
-        _ran(train(data, save, ONE_B, "bf16", 480), "the 1B run")
+        _ran(train(data, save, ONE_B, "bf16", 360), "the 1B run")
         recs = read_metrics(save)[2:]
     finally:
         shutil.rmtree(save, ignore_errors=True)
