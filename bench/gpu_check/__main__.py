@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +31,13 @@ class Context:
     """Scratch folder (corpus, tokenizer, checkpoints)."""
     state: dict = field(default_factory=dict)
     """Hand-offs: "data" (section 3 -> 6), "checkpoint" (section 3 -> 4)."""
+
+
+def _version(module: str) -> str:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception as err:  # noqa: BLE001 - the title says so; the rows say what failed
+        return f"not importable ({type(err).__name__})"
 
 
 def run_sections(ctx: Context, sections) -> list:
@@ -72,23 +81,25 @@ def main(argv=None) -> int:
         return 2
     if args.cpu_only:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported
-    wheels = ensure_wheels()
+    try:
+        wheels, wheel_error = ensure_wheels(), None
+    except (OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as err:
+        wheels, wheel_error = "FAILED", " ".join(str(err).split())[:300]
     import torch
 
     from bench.common import RESULTS_DIR, print_table, write_json
 
-    from .rows import HEADERS, exit_code, set_self_test
+    from .rows import FAIL, HEADERS, Row, exit_code, set_self_test
 
     set_self_test(args.perturb_reference)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "no CUDA device (CPU mode: CUDA-only rows SKIP)"
     print(f"gpu_check: {device}; torch {torch.__version__}; wheels: {wheels}", flush=True)
-    rows = run_sections(Context(cuda=cuda, work=os.path.abspath(args.work_dir)), sections)
-    import megatron.core
-
+    rows = [Row("0 setup", "wheels from .whl/", FAIL, wheel_error)] if wheel_error else []
+    rows += run_sections(Context(cuda=cuda, work=os.path.abspath(args.work_dir)), sections)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = (f"GPU acceptance check, {when}: {device}; torch {torch.__version__}, megatron-core "
-             f"{megatron.core.__version__}" + ("; SELF-TEST (--perturb-reference)" if args.perturb_reference else ""))
+             f"{_version('megatron.core')}" + ("; SELF-TEST (--perturb-reference)" if args.perturb_reference else ""))
     print_table(title, HEADERS, [r.cells() for r in rows])
     code = exit_code(rows)
     path = write_json("gpu_check", {"date": when, "device": device, "self_test": args.perturb_reference,
