@@ -155,3 +155,38 @@ def test_sections_and_peaks():
         parse_sections("4")
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA H200") == 989.0
     assert peak_tflops("Tesla T4") is None
+
+
+def _records(losses, first_iteration=1, **extra):
+    return [{"iteration": first_iteration + i, "loss": x, **extra} for i, x in enumerate(losses)]
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_resume_verdicts(cuda):
+    from bench.gpu_check.training import resume_verdicts
+
+    names = ["run", "it 11", "it 11-20"]
+    full = _records([7.0 - 0.05 * i for i in range(20)])
+    same = _records([r["loss"] for r in full[10:]], 11)
+    assert [r.status for r in resume_verdicts(names, full, same, True, cuda)] == ["PASS"] * 3
+    drift = _records([r["loss"] + (0 if i == 0 else 5e-3) for i, r in enumerate(full[10:])], 11)
+    # a CUDA run may drift by < 1e-2 after the first resumed iteration; a CPU run may not
+    assert [r.status for r in resume_verdicts(names, full, drift, True, cuda)] == \
+        ["PASS", "PASS", "PASS" if cuda else "FAIL"]
+    first_off = _records([full[10]["loss"] + 1e-6] + [r["loss"] for r in full[11:]], 11)
+    assert resume_verdicts(names, full, first_off, True, cuda)[1].status == "FAIL"
+    restarted = _records([r["loss"] for r in full[:10]], 1)  # ignored the checkpoint: started over
+    assert [r.status for r in resume_verdicts(names, full, restarted, True, cuda)][1:] == ["FAIL", "FAIL"]
+    flat = _records([7.0] * 20)
+    assert resume_verdicts(names, flat, _records([7.0] * 10, 11), True, cuda)[0].status == "FAIL"
+    assert all(r.status == "FAIL" for r in resume_verdicts(names, full[:19], same, True, cuda))
+
+
+def test_mfu_row():
+    from bench.gpu_check.training import MFU_FLOOR, mfu_row
+
+    recs = [{"tflops_per_rank": t, "ms_per_iter": 500.0, "peak_mem_mib": 50 * 1024} for t in (390, 400, 9000)]
+    row = mfu_row("1B", recs, 1000.0)
+    assert row.status == "PASS" and row.figure == pytest.approx(0.4) and "400 TFLOP/s" in row.result
+    assert mfu_row("1B", recs, 400.0 / (0.9 * MFU_FLOOR)).status == "FAIL"
+    assert mfu_row("1B", [], 1000.0).status == "FAIL"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from megatron_ext.attention import blocks
 from megatron_ext.attention import reference as ref_module
 
-from .rows import Row, at_least, at_most, guarded, reference, rel_error, skipped
+from .rows import Row, at_least, at_most, failed_rows, guarded, reference, rel_error, skipped
 
 SECTION_EXACT = "1 block kernels"
 SECTION_SPEED = "5 kernel speed"
@@ -83,7 +83,8 @@ def exact_rows(cuda: bool) -> List[Row]:
             if device == "cuda" and not cuda:
                 rows.append(skipped(SECTION_EXACT, check, "no CUDA device: CUDA kernel not run"))
                 continue
-            rows.append(guarded(SECTION_EXACT, check, lambda a=(label, device, dtype, expected, tol, case): _exact_row(*a)))
+            args = (label, device, dtype, expected, tol, case)
+            rows.append(guarded(SECTION_EXACT, check, lambda a=args: _exact_row(*a)))
     return rows
 
 
@@ -151,7 +152,7 @@ def speed_rows(cuda: bool) -> List[Row]:
     try:
         fig = speed_figures()
     except Exception as err:  # noqa: BLE001 - every row of the section reports the crash
-        return [guarded(SECTION_SPEED, c[0], lambda e=err: (_ for _ in ()).throw(e)) for c in checks]
+        return failed_rows(SECTION_SPEED, [c[0] for c in checks], err)
     rows = []
     for name, ours, theirs, passes, floor in checks:
         mine, other = _tflops(fig[ours], passes), reference(_tflops(fig[theirs], passes))

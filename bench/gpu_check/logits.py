@@ -18,7 +18,7 @@ from typing import List
 
 import torch
 
-from .rows import Row, at_most, guarded, rel_error, skipped
+from .rows import Row, at_most, failed_rows, guarded, rel_error, skipped
 from .wheels import REPO
 
 SECTION = "4 forward_logits"
@@ -54,7 +54,7 @@ def logits_rows(ctx) -> List[Row]:
     try:
         want = cpu_only_logits(path, ids)
     except Exception as err:  # noqa: BLE001
-        return [guarded(SECTION, n, lambda e=err: (_ for _ in ()).throw(e)) for n in names]
+        return failed_rows(SECTION, names, err)
 
     def compare(name, **kw):
         got = forward_logits(path, ids, **kw)

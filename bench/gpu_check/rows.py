@@ -100,8 +100,13 @@ def guarded(section: str, check: str, fn: Callable[[], Row]) -> Row:
     try:
         return fn()
     except Exception as err:  # noqa: BLE001 - any crash is this check's failure, reported in its row
-        text = " ".join(f"{type(err).__name__}: {err}".split())
-        return Row(section, check, FAIL, text[:300])
+        return failed_rows(section, [check], err)[0]
+
+
+def failed_rows(section: str, checks: Sequence[str], err: BaseException) -> List[Row]:
+    """One FAIL row per check, naming ``err`` (a section whose shared setup crashed)."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    return [Row(section, c, FAIL, text) for c in checks]
 
 
 def exit_code(rows: Sequence[Row]) -> int:

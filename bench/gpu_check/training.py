@@ -22,7 +22,7 @@ import sys
 import tempfile
 from typing import Dict, List
 
-from .rows import Row, at_least, at_most, guarded, reference, skipped
+from .rows import Row, at_least, at_most, failed_rows, guarded, reference, skipped
 from .wheels import REPO
 
 SECTION_TRAIN = "3 trainer resume"
@@ -102,23 +102,29 @@ def resume_rows(ctx) -> List[Row]:
         _ran(res, "the resumed run")
         resumed = read_metrics(save)[10:]
     except Exception as err:  # noqa: BLE001 - every row of the section reports the crash
-        return [guarded(SECTION_TRAIN, n, lambda e=err: (_ for _ in ()).throw(e)) for n in names]
-    losses = [r["loss"] for r in full]
+        return failed_rows(SECTION_TRAIN, names, err)
     ctx.state["checkpoint"] = save
-    first, last = losses[0], losses[-1]
-    rows = [guarded(SECTION_TRAIN, names[0], lambda: at_most(
-        SECTION_TRAIN, names[0], last / first if len(losses) == 20 and all(x == x for x in losses) else None, 0.99,
-        f"{len(losses)} losses {first:.3f} -> {last:.3f} (must fall)", tighten=True))]
-    at10 = [r["iteration"] for r in resumed] == list(range(11, 21)) and "resumed from" in res.stdout
-    want = reference([r["loss"] for r in full[10:]])
-    got = [r["loss"] for r in resumed]
-    if len(got) != 10 or not at10:
-        why = "did not resume at iteration 10" if not at10 else f"{len(got)} resumed iterations, not 10"
+    return resume_verdicts(names, full, resumed, "resumed from" in res.stdout, ctx.cuda)
+
+
+def resume_verdicts(names: List[str], full: List[dict], resumed: List[dict], said_resumed: bool,
+                    cuda: bool) -> List[Row]:
+    """Section 3's rows from the metrics records of the uninterrupted run (``full``, 20)
+    and of the resumed one (``resumed``, iterations 11-20)."""
+    losses = [r["loss"] for r in full]
+    if len(losses) != 20 or any(x != x for x in losses):
+        return [Row(SECTION_TRAIN, n, "FAIL", f"{len(losses)} iteration records, not 20 finite losses")
+                for n in names]
+    rows = [at_most(SECTION_TRAIN, names[0], losses[-1] / losses[0], 0.99,
+                    f"20 losses {losses[0]:.3f} -> {losses[-1]:.3f} (must fall)", tighten=True)]
+    if [r["iteration"] for r in resumed] != list(range(11, 21)) or not said_resumed:
+        why = f"did not resume at 10: resumed run logged iterations {[r['iteration'] for r in resumed]}"
         return rows + [Row(SECTION_TRAIN, n, "FAIL", why) for n in names[1:]]
+    want, got = reference(losses[10:]), [r["loss"] for r in resumed]
     rows.append(at_most(SECTION_TRAIN, names[1], abs(got[0] - want[0]), 0.0, "bitwise, vs the uninterrupted run"))
-    tol = CUDA_RESUME_TOL if ctx.cuda else 0.0
-    rows.append(at_most(SECTION_TRAIN, names[2], max(abs(a - b) for a, b in zip(got, want)), tol,
-                        "max |loss diff| vs the uninterrupted run" + (" (FA2 bwd atomics)" if ctx.cuda else ", bitwise")))
+    why = " (FA2 bwd atomics)" if cuda else ", bitwise"
+    rows.append(at_most(SECTION_TRAIN, names[2], max(abs(a - b) for a, b in zip(got, want)),
+                        CUDA_RESUME_TOL if cuda else 0.0, "max |loss diff| vs the uninterrupted run" + why))
     return rows
 
 
@@ -165,8 +171,16 @@ def _mfu_row(ctx, check: str) -> Row:
         recs = read_metrics(save)[2:]
     finally:
         shutil.rmtree(save, ignore_errors=True)
-    tflops = sorted(r["tflops_per_rank"] for r in recs)[len(recs) // 2]
-    ms = sorted(r["ms_per_iter"] for r in recs)[len(recs) // 2]
-    peak_mem = max(r["peak_mem_mib"] for r in recs) / 1024
+    return mfu_row(check, recs, peak)
+
+
+def mfu_row(check: str, records: List[dict], peak: float) -> Row:
+    """Section 6's row from the 1B run's metrics records (warm-up iterations dropped):
+    the median tflops_per_rank over the card's bf16 ``peak`` (TFLOP/s)."""
+    if not records:
+        return Row(SECTION_MFU, check, "FAIL", "the run logged no iterations after the warm-up")
+    median = lambda key: sorted(r[key] for r in records)[len(records) // 2]  # noqa: E731
+    tflops, ms = median("tflops_per_rank"), median("ms_per_iter")
+    peak_mem = max(r["peak_mem_mib"] for r in records) / 1024
     return at_least(SECTION_MFU, check, tflops / reference(peak), MFU_FLOOR,
                     f"{tflops:.0f} TFLOP/s of {peak:.0f} peak, {ms:.0f} ms/iter, peak {peak_mem:.1f} GiB")
