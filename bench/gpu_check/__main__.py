@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .wheels import REPO, ensure_wheels
 
 SECTIONS = ("1", "2", "3", "4", "5", "6")
+START = time.monotonic()
 
 
 @dataclass
@@ -31,6 +32,13 @@ class Context:
     """Scratch folder (corpus, tokenizer, checkpoints)."""
     state: dict = field(default_factory=dict)
     """Hand-offs: "data" (section 3 -> 6), "checkpoint" (section 3 -> 4)."""
+    deadline: float = float("inf")
+    """time.monotonic() by which the whole run must end (--budget-s)."""
+
+    def timeout(self, wanted: float) -> float:
+        """A subprocess's timeout: ``wanted`` seconds, cut so the run still ends (and prints
+        its table) by the deadline; at least 30 s."""
+        return max(30.0, min(wanted, self.deadline - time.monotonic() - 15.0))
 
 
 def _version(module: str) -> str:
@@ -72,6 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-only", action="store_true", help="hide the GPUs (CUDA_VISIBLE_DEVICES='')")
     ap.add_argument("--perturb-reference", action="store_true", help="self-test: every row must FAIL")
     ap.add_argument("--work-dir", default=os.path.join(REPO, "runs", "gpu_check"), help="scratch folder")
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="the whole run's time limit: subprocess timeouts shrink to keep within it")
     ap.add_argument("--results-dir", default=None, help="where gpu_check.json goes (default bench/results)")
     args = ap.parse_args(argv)
     try:
@@ -96,7 +106,8 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if cuda else "no CUDA device (CPU mode: CUDA-only rows SKIP)"
     print(f"gpu_check: {device}; torch {torch.__version__}; wheels: {wheels}", flush=True)
     rows = [Row("0 setup", "wheels from .whl/", FAIL, wheel_error)] if wheel_error else []
-    rows += run_sections(Context(cuda=cuda, work=os.path.abspath(args.work_dir)), sections)
+    ctx = Context(cuda=cuda, work=os.path.abspath(args.work_dir), deadline=START + args.budget_s)
+    rows += run_sections(ctx, sections)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = (f"GPU acceptance check, {when}: {device}; torch {torch.__version__}, megatron-core "
              f"{_version('megatron.core')}" + ("; SELF-TEST (--perturb-reference)" if args.perturb_reference else ""))
@@ -106,7 +117,8 @@ def main(argv=None) -> int:
                                     "wheels": wheels, "exit_code": code, "rows": [r.to_dict() for r in rows]},
                       results_dir=args.results_dir or RESULTS_DIR)
     counts = {s: sum(r.status == s for r in rows) for s in ("PASS", "FAIL", "SKIP")}
-    print(f"\ngpu_check: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP -> {path}")
+    print(f"\ngpu_check: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP in "
+          f"{time.monotonic() - START:.0f} s -> {path}")
     return code
 
 

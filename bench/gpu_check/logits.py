@@ -26,14 +26,14 @@ TOL = 1e-4
 SHAPE = (2, 33)  # odd length: forward_logits pads to even for the zigzag halves
 
 
-def cpu_only_logits(checkpoint: str, ids: torch.Tensor) -> torch.Tensor:
+def cpu_only_logits(checkpoint: str, ids: torch.Tensor, timeout: float = 300) -> torch.Tensor:
     """forward_logits of ``ids`` [b, s] in a fresh process that sees no GPU -> [b, s, vocab]."""
     with tempfile.TemporaryDirectory(prefix="gpu_check_logits_") as tmp:
         src, out = os.path.join(tmp, "ids.pt"), os.path.join(tmp, "logits.pt")
         torch.save(ids, src)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
         res = subprocess.run([sys.executable, "-m", "bench.gpu_check.logits", checkpoint, src, out],
-                             capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+                             capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
         if res.returncode:
             raise RuntimeError(f"the CPU-only process exited {res.returncode}: {res.stderr[-400:]}")
         return torch.load(out)
@@ -52,7 +52,7 @@ def logits_rows(ctx) -> List[Row]:
     vocab = read_checkpoint(path)[1]
     ids = torch.randint(0, vocab, SHAPE, generator=torch.Generator().manual_seed(3))
     try:
-        want = cpu_only_logits(path, ids)
+        want = cpu_only_logits(path, ids, ctx.timeout(300))
     except Exception as err:  # noqa: BLE001
         return failed_rows(SECTION, names, err)
 

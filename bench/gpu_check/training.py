@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,7 +70,16 @@ def train(data: Dict[str, str], save_dir: str, sets: List[str], precision: str, 
         cmd += ["--set", s]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(
         os.pathsep) if p]), WANDB_MODE="disabled")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    # its own process group: on a timeout the torchrun agent and its worker go together
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError(f"the training run took over {timeout:.0f} s and was stopped") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def read_metrics(save_dir: str) -> List[dict]:
@@ -93,12 +103,12 @@ def resume_rows(ctx) -> List[Row]:
     try:
         data = ctx.state.get("data") or ctx.state.setdefault("data", prepare_data(os.path.join(ctx.work, "data")))
         shutil.rmtree(save, ignore_errors=True)
-        _ran(train(data, save, SMALL, precision, 300), "the 20-iteration run")
+        _ran(train(data, save, SMALL, precision, ctx.timeout(300)), "the 20-iteration run")
         full = read_metrics(save)
         shutil.rmtree(os.path.join(save, "step-20"))
         with open(os.path.join(save, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in full[:10])
-        res = train(data, save, SMALL, precision, 300)
+        res = train(data, save, SMALL, precision, ctx.timeout(300))
         _ran(res, "the resumed run")
         resumed = read_metrics(save)[10:]
     except Exception as err:  # noqa: BLE001 - every row of the section reports the crash
@@ -167,7 +177,7 @@ def _mfu_row(ctx, check: str) -> Row:
     data = ctx.state.get("data") or ctx.state.setdefault("data", prepare_data(os.path.join(ctx.work, "data")))
     save = tempfile.mkdtemp(prefix="gpu_check_mfu_", dir=_scratch_for(SAVE_1B_BYTES, ctx.work))
     try:
-        _ran(train(data, save, ONE_B, "bf16", 360), "the 1B run")
+        _ran(train(data, save, ONE_B, "bf16", ctx.timeout(360)), "the 1B run")
         recs = read_metrics(save)[2:]
     finally:
         shutil.rmtree(save, ignore_errors=True)
