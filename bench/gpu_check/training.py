@@ -70,14 +70,17 @@ def train(data: Dict[str, str], save_dir: str, sets: List[str], precision: str, 
         cmd += ["--set", s]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(
         os.pathsep) if p]), WANDB_MODE="disabled")
-    # its own process group: on a timeout the torchrun agent and its worker go together
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        proc.send_signal(signal.SIGTERM)  # torchrun's agent passes it on to its worker and reaps it
+        try:
+            proc.communicate(timeout=45)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the agent's own process group (this call made it)
+            proc.communicate()
         raise RuntimeError(f"the training run took over {timeout:.0f} s and was stopped") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
