@@ -54,10 +54,15 @@ def run_sections(ctx: Context, sections) -> list:
     table = {"1": lambda: kernels.exact_rows(ctx.cuda), "2": lambda: packed.packed_rows(ctx.cuda),
              "3": lambda: training.resume_rows(ctx), "4": lambda: logits.logits_rows(ctx),
              "5": lambda: kernels.speed_rows(ctx.cuda), "6": lambda: training.mfu_rows(ctx)}
+    from .rows import failed_rows
+
     rows = []
     for s in sections:
         t0 = time.perf_counter()
-        rows += table[s]()
+        try:
+            rows += table[s]()
+        except Exception as err:  # noqa: BLE001 - a section's own bug still leaves the table
+            rows += failed_rows(f"{s} (crashed)", ["the whole section"], err)
         print(f"gpu_check: section {s} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return rows
 
