@@ -33,7 +33,7 @@ CUDA_ROWS = {("1 block kernels", f"{k} {c[0]}") for k in ("cuda_flash bf16", "cu
 
 def _run(tmp_path, *extra):
     res = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--cpu-only", "--work-dir", str(tmp_path / "work"),
-                          "--results-dir", str(tmp_path), *extra], capture_output=True, text=True, timeout=400,
+                          "--results-dir", str(tmp_path), *extra], capture_output=True, text=True, timeout=280,
                          cwd=REPO)
     with open(tmp_path / "gpu_check.json") as f:
         return res, json.load(f)
