@@ -64,9 +64,9 @@ def _decode(raw: bytes) -> str:
         raise BadRecord("invalid UTF-8", f"byte {e.start}") from None
 
 
-def document_segments(raw: bytes, keys: Sequence[str]) -> List[str]:
+def document_segments(raw, keys: Sequence[str]) -> List[str]:
     """One text per key, each non-empty."""
-    obj = _load(raw)
+    obj = raw if isinstance(raw, dict) else _load(raw)  # a table row (data_tools.tables) is a dict
     texts = [_text(obj, k) for k in keys]
     for k, t in zip(keys, texts):
         if not t or t.isspace():
@@ -74,9 +74,9 @@ def document_segments(raw: bytes, keys: Sequence[str]) -> List[str]:
     return texts
 
 
-def sft_segments(raw: bytes) -> Segments:
+def sft_segments(raw) -> Segments:
     """[(prompt, False), (response, True)] or the rendered chat turns."""
-    obj = _load(raw)
+    obj = raw if isinstance(raw, dict) else _load(raw)  # a table row (data_tools.tables) is a dict
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
