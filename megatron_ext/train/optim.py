@@ -33,9 +33,10 @@ def build_optimizer(cfg: TrainConfig, model_chunks):
     optimizer = get_megatron_optimizer(optimizer_config(cfg), model_chunks)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_iters,
-        lr_decay_steps=max(o.train_iters, o.warmup_iters + 1), lr_decay_style="cosine",
+        lr_decay_steps=max(o.train_iters, o.warmup_iters + 1), lr_decay_style=o.lr_decay_style,
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=o.train_iters, wd_incr_style="constant",
         # a resumed run may change train_iters (and so the decay length): the config wins,
         # the step count comes from the checkpoint
-        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
+        wsd_decay_steps=o.lr_wsd_decay_iters or None, lr_wsd_decay_style=o.lr_wsd_decay_style)
     return optimizer, scheduler
