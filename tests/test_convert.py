@@ -276,7 +276,8 @@ def test_export_keeps_tokenizer_chat_template_and_generation_stops(tmp_path, cap
         msgs, tokenize=False, add_generation_prompt=True)
     assert render(back) == render(src)
     config = json.load(open(os.path.join(back, "config.json")))
-    assert config["eos_token_id"] == end and config["pad_token_id"] == json.load(open(os.path.join(src, "config.json")))["pad_token_id"]
+    original = json.load(open(os.path.join(src, "config.json")))
+    assert config["eos_token_id"] == end and config["pad_token_id"] == original["pad_token_id"]
     runs = {}
     for name, folder in (("original", src), ("export", back)):
         model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()

@@ -127,6 +127,7 @@ def test_haystack_split_by_content_keeps_copies_on_one_side():
     assert len(train) + len(haystack) + dropped == len(lines) and dropped >= 1
     assert train == [x for x in lines if content_key(x) not in held]  # input order
     by_index = set(range(0, len(lines), len(lines) // 5)[:5])  # the old split: copies on both sides
-    assert {content_key(lines[i]) for i in by_index} & {content_key(x) for i, x in enumerate(lines) if i not in by_index}
+    rest = {content_key(x) for i, x in enumerate(lines) if i not in by_index}
+    assert {content_key(lines[i]) for i in by_index} & rest
     with pytest.raises(RuntimeError, match="only 30 distinct documents .43 with copies"):
         split_held_out(lines, 16)
