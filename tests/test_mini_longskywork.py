@@ -105,7 +105,8 @@ def test_toy_run_killed_mid_arm_resumes_without_repeating_a_stage(tmp_path):
     _check_copy_data(out)
     assert json.load(open(f"{out}/gate.json"))["passed"] is True
     text = open(f"{out}/report.md").read()
-    assert "Gate passed (base-own-rope passkey at L0 0.00, threshold 0.00" in text and "| base-own-rope | passkey |" in text
+    assert "Gate passed (base-own-rope passkey at L0 0.00, threshold 0.00" in text
+    assert "| base-own-rope | passkey |" in text
     assert "Arms with passkey >= 0.90 at 384 tokens:" in text and "supervised tokens per sample" in text
     assert "copy-rich text" in text
     for section in ("## Setup", "## Accuracy", "## What held and what did not", "## Stages", "## Sizes",

@@ -100,8 +100,8 @@ def test_split_digits_gives_one_piece_per_digit(tmp_path):
     from data_tools.tokenizer import main
 
     rng = random.Random(0)
-    docs = [" ".join(f"release {rng.choice(['51252', '2024', '1.2.3', '777'])} of {w}" for w in make_docs(1, i)[0].split()[:40])
-            for i in range(80)]
+    numbers = ["51252", "2024", "1.2.3", "777"]
+    docs = [" ".join(f"release {rng.choice(numbers)} of {w}" for w in make_docs(1, i)[0].split()[:40]) for i in range(80)]
     src = write_jsonl(tmp_path / "num.jsonl", docs)
     pieces = {}
     for flag in ([], ["--split-digits"]):

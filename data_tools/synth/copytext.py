@@ -129,7 +129,8 @@ class CopyBuilder:
         lines = [ln.strip() for ln in "".join(words).splitlines() if ln.strip()]
         if len(lines) < 3:  # prose without line breaks: lines of 10 words
             lines = lines[:1] + ["* " + "".join(words[i:i + 10]).strip() for i in range(0, len(words), 10)]
-        head, body = (lines[0][:80], lines[1:]) if len(lines) > 1 else ("package (1.0-1) unstable; urgency=medium", lines)
+        default = "package (1.0-1) unstable; urgency=medium"
+        head, body = (lines[0][:80], lines[1:]) if len(lines) > 1 else (default, lines)
         sets = [f"  * Set {lab} to {val}." for lab, val in zip(labels, values)]
         order = rng.sample(range(len(labels)), len(labels))
         checks = [f"  * Checked {labels[i]}: {values[i]}." for i in order]

@@ -157,6 +157,25 @@ def build_template(cfg: ExperimentConfig, root: str) -> str:
     return prefix
 
 
+def _copy_and_sft_setup(cfg: ExperimentConfig, tok: str, copy: str, sft: Dict[str, str]) -> List[str]:
+    """The report's setup lines on the tokenizer, the copy-rich share and schedule of the base, and the SFT mix."""
+    metas = [json.loads(x)["meta"] for x in open(copy)]
+    per = {k: sum(m["kind"] == k for m in metas) for k in dict.fromkeys(m["kind"] for m in metas)}
+    sup = {n: supervised_tokens(tok, p) for n, p in sft.items()}
+    return [f"Tokenizer: sentencepiece BPE, {cfg.vocab_size} pieces, trained on the training documents only"
+            f"{', digits split (one piece per digit)' if cfg.split_digits else ''}.",
+            f"Base pretraining: {cfg.copy_share:.0%} of samples from copy-rich text ({len(metas)} samples of "
+            f"<= {cfg.l0} tokens made by `data_tools.synth copy` from the training documents: "
+            + ", ".join(f"{n} {k}" for k, n in per.items()) + "; span: a 30-150-token span recurs later, repeat: "
+            "a document twice, keys: labelled random strings named again), the rest training documents. "
+            "Scanned: no passkey/needle wording, no haystack text.",
+            f"Base schedule: {cfg.base.iters} steps of {cfg.base.global_batch} x {cfg.l0} tokens, lr {cfg.base.lr} "
+            + (f"constant, decaying over the last {cfg.base.wsd_decay} (WSD)." if cfg.base.wsd_decay else
+               "with cosine decay."),
+            f"SynL question weights (SFT and long SFT): {cfg.sft_question_weights or 'uniform'}; supervised "
+            "tokens per sample (separator + answer): " + ", ".join(f"{n} {v:.1f}" for n, v in sup.items()) + "."]
+
+
 def build(cfg: ExperimentConfig, root: str, log=print) -> Dict[str, str]:
     """Every dataset prefix the stages read, keyed by name; skips what exists (resume)."""
     d = f"{root}/data"
@@ -183,28 +202,15 @@ def build(cfg: ExperimentConfig, root: str, log=print) -> Dict[str, str]:
           weights=cfg.sft_question_weights)
     _cat(f"{d}/long_mix.jsonl", [f"{d}/synl_long.jsonl", other])
     _cat(f"{d}/long_nosynl.jsonl", [other])
-    jobs = [("docs", f"{root}/docs.jsonl", "--append-eod"), ("copy", copy, "--append-eod"), ("cip", f"{d}/cip.jsonl", "--append-eod"),
+    jobs = [("docs", f"{root}/docs.jsonl", "--append-eod"), ("copy", copy, "--append-eod"),
+            ("cip", f"{d}/cip.jsonl", "--append-eod"),
             ("concat", f"{d}/concat.jsonl", "--append-eod"), ("sft", sft, "--sft"),
             ("long_mix", f"{d}/long_mix.jsonl", "--sft"), ("long_nosynl", f"{d}/long_nosynl.jsonl", "--sft")]
     for name, src, flag in jobs:
         tool("data_tools.preprocess", "--input", src, "--output-prefix", prefixes[name], "--tokenizer-model", tok,
              flag)
-    metas = [json.loads(x)["meta"] for x in open(copy)]
-    per = {k: sum(m["kind"] == k for m in metas) for k in dict.fromkeys(m["kind"] for m in metas)}
-    sup = {n: supervised_tokens(tok, p) for n, p in (("SFT", sft), ("long SFT", f"{d}/long_mix.jsonl"))}
-    setup += [f"Tokenizer: sentencepiece BPE, {cfg.vocab_size} pieces, trained on the training documents only"
-              f"{', digits split (one piece per digit)' if cfg.split_digits else ''}.",
-              f"Base pretraining: {cfg.copy_share:.0%} of samples from copy-rich text ({len(metas)} samples of "
-              f"<= {cfg.l0} tokens made by `data_tools.synth copy` from the training documents: "
-              + ", ".join(f"{n} {k}" for k, n in per.items()) + "; span: a 30-150-token span recurs later, repeat: "
-              "a document twice, keys: labelled random strings named again), the rest training documents. "
-              "Scanned: no passkey/needle wording, no haystack text.",
-              f"Base schedule: {cfg.base.iters} steps of {cfg.base.global_batch} x {cfg.l0} tokens, lr {cfg.base.lr} "
-              + (f"constant, decaying over the last {cfg.base.wsd_decay} (WSD)." if cfg.base.wsd_decay else
-                 "with cosine decay."),
-              f"SynL question weights (SFT and long SFT): {cfg.sft_question_weights or 'uniform'}; supervised "
-              "tokens per sample (separator + answer): " + ", ".join(f"{n} {v:.1f}" for n, v in sup.items()) + ".",
-              f"Continual pretraining data: {n_cpt} samples of {cfg.l1} tokens, CIP (arm no-cip: the same "
+    setup += _copy_and_sft_setup(cfg, tok, copy, {"SFT": sft, "long SFT": f"{d}/long_mix.jsonl"})
+    setup += [f"Continual pretraining data: {n_cpt} samples of {cfg.l1} tokens, CIP (arm no-cip: the same "
               f"documents concatenated whole), from the training documents.",
               f"SFT data: short SynL tables of {list(cfg.sft_targets)} tokens, {cfg.sft_examples} examples.",
               f"Long SFT data: {cfg.long_synl_examples} SynL tables of ~{int(cfg.l1 * 0.95)} tokens plus "
