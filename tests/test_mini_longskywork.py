@@ -123,7 +123,7 @@ def test_toy_run_killed_mid_arm_resumes_without_repeating_a_stage(tmp_path):
 def test_toy_run_stops_at_the_gate_when_the_base_cannot_copy(tmp_path):
     out = str(tmp_path / "mini")
     res = subprocess.run(CMD + ["--out", out, "--gate-threshold", "1.01"], cwd=REPO, capture_output=True,
-                         text=True, timeout=240)
+                         text=True, timeout=420)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "mini: gate stopped the run: base-own-rope passkey at L0" in res.stdout
     assert "mini: stage cpt start" not in res.stdout and not os.path.exists(f"{out}/stages/cpt")
