@@ -1,10 +1,12 @@
 """Train a sentencepiece tokenizer from JSONL or text.
 
     python -m data_tools.tokenizer train --input X.jsonl [Y.txt ...] --vocab-size N --output-prefix P
-        [--model-type bpe|unigram] [--json-key text] [--sample-bytes 200000000]
+        [--model-type bpe|unigram] [--json-key text] [--sample-bytes 200000000] [--split-digits]
 
 Writes P.model and P.vocab. Byte fallback is on (no unknown bytes); ids:
 unk=0, bos=1, eos=2, pad=3. ``--sample-bytes`` caps the text fed to the trainer.
+``--split-digits`` (as Llama's tokenizer) makes every digit its own piece, so a
+number tokenizes the same wherever it appears.
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ UNK, BOS, EOS, PAD = 0, 1, 2, 3
 
 
 def train(inputs, vocab_size: int, output_prefix: str, model_type: str = "bpe", json_key: str = "text",
-          sample_bytes: int = 200_000_000) -> str:
+          sample_bytes: int = 200_000_000, split_digits: bool = False) -> str:
     """Train and return the path of the .model file. Deterministic: the first
-    ``sample_bytes`` of text, in input order, no shuffling."""
+    ``sample_bytes`` of text, in input order, no shuffling. ``split_digits``: sentencepiece's
+    option of that name (one piece per digit)."""
     import sentencepiece as spm
 
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
@@ -45,7 +48,7 @@ def train(inputs, vocab_size: int, output_prefix: str, model_type: str = "bpe", 
             input=corpus, model_prefix=tmp_prefix, vocab_size=vocab_size, model_type=model_type,
             byte_fallback=True, unk_id=UNK, bos_id=BOS, eos_id=EOS, pad_id=PAD, character_coverage=0.9995,
             shuffle_input_sentence=False, num_threads=os.cpu_count() or 1, minloglevel=2,
-            hard_vocab_limit=False,
+            hard_vocab_limit=False, split_digits=split_digits,
         )
         for ext in (".vocab", ".model"):  # .model last: it is what other tools look for
             with open(tmp_prefix + ext, "rb") as f:
@@ -65,12 +68,13 @@ def main(argv=None) -> int:
     t.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     t.add_argument("--json-key", default="text")
     t.add_argument("--sample-bytes", type=int, default=200_000_000, help="cap on training text (bytes)")
+    t.add_argument("--split-digits", action="store_true", help="one piece per digit (as Llama's tokenizer)")
     add_output_flags(t)
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     try:
         path = train(args.input, args.vocab_size, args.output_prefix, args.model_type, args.json_key,
-                     args.sample_bytes)
+                     args.sample_bytes, args.split_digits)
     except (RuntimeError, ValueError, FileNotFoundError) as e:  # sentencepiece reports bad settings as RuntimeError
         print(f"tokenizer: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """Mini-LongSkywork at toy sizes: every arm, 2 iterations a stage, one eval length.
 
 One run is killed in the middle of the ``full`` arm (during its long SFT stage) and
-resumed: the resumed run repeats no finished stage, then writes the report."""
+resumed: the resumed run repeats no finished stage, then writes the report. Its base
+trained on copy-rich text that holds none of the evaluation; its gate passed (threshold
+0). Another run's gate cannot pass (threshold above 1): it stops after ``base``."""
 import json
 import os
 import signal
@@ -19,8 +21,9 @@ CMD = [sys.executable, "-m", "megatron_ext.experiments.mini_longskywork", "--toy
 
 
 def _run_until(out: str, marker: str, timeout_s: float = 150) -> list:
-    """Start a toy run and SIGKILL its whole process group once ``marker`` is printed."""
-    proc = subprocess.Popen(CMD + ["--out", out], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    """Start a toy run (gate threshold 0: it passes) and SIGKILL its whole process group once ``marker``
+    is printed."""
+    proc = subprocess.Popen(CMD + ["--out", out, "--gate-threshold", "0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     lines, t0 = [], time.monotonic()
     try:
@@ -35,8 +38,44 @@ def _run_until(out: str, marker: str, timeout_s: float = 150) -> list:
     return lines
 
 
+def _check_controls(res: dict) -> None:
+    assert set(res) == {"L0", "L1", "arms", "controls"} and (res["L0"], res["L1"]) == (384, 768)
+    assert list(res["controls"]) == ["base-own-rope"]
+    for task, by_length in res["controls"]["base-own-rope"].items():
+        assert task in ("passkey", "needle") and list(by_length) == ["192", "384"], task
+        assert all(0.0 <= v <= 1.0 for v in by_length.values())
+
+
+def _check_copy_data(out: str) -> None:
+    """The base's copy-rich text: every kind, and nothing of the evaluation (template wording, or
+    haystack lines that no training document has)."""
+    from data_tools.synth.copytext import eval_hits
+    from megatron_ext.eval.needle import cell_prompt
+    from data_tools.common import load_tokenizer
+    from data_tools.synth.needle import read_haystack
+
+    rows = [json.loads(x) for x in open(f"{out}/data/copy.jsonl")]
+    assert {r["meta"]["kind"] for r in rows} == {"span", "repeat", "keys"}
+    text = "\n".join(r["text"] for r in rows)
+    sp = load_tokenizer(f"{out}/tok.model")
+    prompts = [cell_prompt(read_haystack([f"{out}/haystack.jsonl"]), k, 0, sp, 384, 50.0)["sample"]["prompt"]
+               for k in ("passkey", "needle")]
+    assert all(eval_hits(p) for p in prompts)  # the scan sees the real evaluation prompts
+    assert not eval_hits(text)
+    train = {ln.strip() for x in open(f"{out}/docs.jsonl") for ln in json.loads(x)["text"].splitlines()}
+    hay = [ln.strip() for x in open(f"{out}/haystack.jsonl") for ln in json.loads(x)["text"].splitlines()]
+    only = [ln for ln in hay if len(ln) >= 20 and ln not in train]
+    assert only and not [ln for ln in only if ln in text]
+    import sentencepiece as spm
+
+    pieces = spm.SentencePieceProcessor(model_file=f"{out}/tok.model").encode_as_pieces("51252")
+    assert [p for p in pieces if p.strip("\u2581")] == list("51252")  # split digits
+    base = open(f"{out}/configs/base.yaml").read()
+    assert "lr_decay_style: WSD" in base and "lr_wsd_decay_iters: 1" in base and "data/copy" in base
+
+
 def _check_results(res: dict) -> None:
-    assert set(res) == {"L0", "L1", "arms"} and (res["L0"], res["L1"]) == (384, 768)
+    _check_controls(res)
     assert set(res["arms"]) == set(ARMS)
     for arm, tasks in res["arms"].items():
         assert set(tasks) == {"passkey", "needle", "synl"}, arm
@@ -63,7 +102,13 @@ def test_toy_run_killed_mid_arm_resumes_without_repeating_a_stage(tmp_path):
     assert all(os.path.exists(f"{out}/stages/{s.name}/DONE.json") for s in needed(list(ARMS)))
     assert not os.path.exists(f"{out}/stages/long_sft_template")  # the diagnostic arm is not in "all"
     _check_results(json.load(open(f"{out}/results.json")))
+    _check_copy_data(out)
+    assert json.load(open(f"{out}/gate.json"))["passed"] is True
     text = open(f"{out}/report.md").read()
+    assert "Gate passed (base-own-rope passkey at L0 0.00, threshold 0.00" in text
+    assert "| base-own-rope | passkey |" in text
+    assert "Arms with passkey >= 0.90 at 384 tokens:" in text and "supervised tokens per sample" in text
+    assert "copy-rich text" in text
     for section in ("## Setup", "## Accuracy", "## What held and what did not", "## Stages", "## Sizes",
                     "total time", "tokens/s/rank"):
         assert section in text, section
@@ -75,6 +120,22 @@ def test_toy_run_killed_mid_arm_resumes_without_repeating_a_stage(tmp_path):
     assert os.path.getsize(f"{out}/losses.png") > 1000
 
 
+def test_toy_run_stops_at_the_gate_when_the_base_cannot_copy(tmp_path):
+    out = str(tmp_path / "mini")
+    res = subprocess.run(CMD + ["--out", out, "--gate-threshold", "1.01"], cwd=REPO, capture_output=True,
+                         text=True, timeout=420)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "mini: gate stopped the run: base-own-rope passkey at L0" in res.stdout
+    assert "mini: stage cpt start" not in res.stdout and not os.path.exists(f"{out}/stages/cpt")
+    gate = json.load(open(f"{out}/gate.json"))
+    assert gate["passed"] is False and gate["ignored"] is False and gate["threshold"] == 1.01
+    results = json.load(open(f"{out}/results.json"))
+    _check_controls(results)
+    assert list(results["arms"]) == ["base"]  # the finished arm only
+    text = open(f"{out}/report.md").read()
+    assert "STOPPED AT THE GATE: the base cannot copy" in text and "| base-own-rope | needle |" in text
+
+
 def test_arms_share_stages_and_verdict_reads_the_numbers():
     assert [s.name for s in needed(["full"])] == ["base", "cpt", "sft", "long_sft"]
     assert [s.name for s in needed(["no-cip"])] == ["base", "cpt_concat", "sft_concat", "long_sft_concat"]
@@ -84,6 +145,7 @@ def test_arms_share_stages_and_verdict_reads_the_numbers():
     counts = {a: {"passkey": {"4096": 20}, "needle": {"4096": 20}, "synl": {"4096": 4}} for a in ARMS}
     lines = report.verdict({"L0": 512, "L1": 4096, "arms": arms}, counts)
     assert lines[0].startswith("The target") and " held: full 0.95 (20 cells)" in lines[0]
+    assert lines[1] == "Arms with passkey >= 0.90 at 4096 tokens: full 0.95 (20 cells)."
     assert any("SynL in the long SFT helped" in x and "full 0.93 (40 cells) vs no-synl 0.10 (40 cells)" in x
                for x in lines)
     assert lines[-1].endswith("agrees with the paper (synthetic long data helps).")

@@ -4,7 +4,9 @@
                                       [--k 4] [--chunk-chars 200:2000] [--separator '\\n\\n'] [--allow-reuse]
                                       [--mode cip|concat] [--num-samples N] [--json-key text]
     python -m data_tools.synth synl   --output synl.jsonl --num-samples N --target-tokens N --tokenizer-model M --seed S
-                                      [--question-types lookup,count,...]
+                                      [--question-types lookup,count,...] [--question-weights lookup=4,...]
+    python -m data_tools.synth copy   --input docs.jsonl --output copy.jsonl --num-samples N --target-tokens N
+                                      --tokenizer-model M --seed S [--kinds span=1,repeat=1,keys=1]
     python -m data_tools.synth needle --output needle.jsonl --lengths 1k,2k --depths 0:100:10 --tokenizer-model M
                                       [--haystack docs.jsonl] [--kind needle|passkey] [--seed S]
 """
@@ -18,8 +20,9 @@ import time
 from ..common import DataError, JsonlWriter, iter_texts, load_tokenizer, parse_int_list, progress
 from ..quiet import add_output_flags, quiet_cli
 from .cip import CipBuilder, CipConfig
+from .copytext import KINDS as COPY_KINDS, CopyBuilder, CopyConfig
 from .needle import needle_sample, parse_depths, read_haystack
-from .synl import QUESTION_TYPES, SynlConfig, synl_sample
+from .synl import QUESTION_TYPES, SynlConfig, parse_weights, synl_sample
 
 
 def _counter(model: str):
@@ -51,7 +54,9 @@ def run_synl(args, out: JsonlWriter) -> str:
     bad = [t for t in types if t not in QUESTION_TYPES]
     if bad:
         raise ValueError(f"unknown question types {bad}; expected {QUESTION_TYPES}")
-    cfg, rng, count = SynlConfig(args.target_tokens, types, args.seed), random.Random(args.seed), _counter(args.tokenizer_model)
+    weights = parse_weights(args.question_weights, types)
+    cfg, rng = SynlConfig(args.target_tokens, types, weights, args.seed), random.Random(args.seed)
+    count = _counter(args.tokenizer_model)
     with progress(total=args.num_samples, unit="sample", desc="synl") as bar:
         for _ in range(args.num_samples):
             out.write(synl_sample(count, cfg, rng))
@@ -73,17 +78,46 @@ def run_needle(args, out: JsonlWriter) -> str:
     return f"{out.count} {args.kind} samples ({len(lengths)} lengths x {len(depths)} depths)"
 
 
+def _kind_weights(text: str):
+    """'span=2,keys=1' -> (kinds, weights)."""
+    kinds, weights = [], []
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in COPY_KINDS:
+            raise ValueError(f"--kinds {part!r}: {name.strip()!r} is not one of {', '.join(COPY_KINDS)}")
+        kinds.append(name.strip())
+        weights.append(float(value or 1))
+    return tuple(kinds), tuple(weights)
+
+
+def run_copy(args, out: JsonlWriter) -> str:
+    kinds, weights = _kind_weights(args.kinds)
+    lo, hi = (int(x) for x in args.span_tokens.split(":"))
+    cfg = CopyConfig(args.target_tokens, kinds, weights, (lo, hi), seed=args.seed)
+    sources = [text for _, text in iter_texts(args.input, args.json_key)]
+    builder = CopyBuilder(sources, _counter(args.tokenizer_model), cfg)
+    per_kind, tokens = dict.fromkeys(kinds, 0), 0
+    with progress(total=args.num_samples, unit="sample", desc="copy") as bar:
+        for sample, _ in zip(builder.samples(), range(args.num_samples)):
+            out.write(sample)
+            per_kind[sample["meta"]["kind"]] += 1
+            tokens += sample["meta"]["n_tokens"]
+            bar.update(1)
+    skipped = f"; {builder.skipped} source documents skipped (evaluation wording)" if builder.skipped else ""
+    return f"{out.count} copy samples ({', '.join(f'{n} {k}' for k, n in per_kind.items())}), {tokens} tokens{skipped}"
+
+
 def build_parser():
     ap = argparse.ArgumentParser(prog="python -m data_tools.synth", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("cip", "synl", "needle"):
+    for name in ("cip", "synl", "needle", "copy"):
         p = sub.add_parser(name)
         p.add_argument("--output", required=True)
         p.add_argument("--tokenizer-model", required=True, help="PATH.model (sentencepiece) or hf:DIR (a Hugging Face tokenizer.json)")
         p.add_argument("--seed", type=int, default=0)
         add_output_flags(p)
-    cip, synl, needle = (sub.choices[n] for n in ("cip", "synl", "needle"))
+    cip, synl, needle, copy = (sub.choices[n] for n in ("cip", "synl", "needle", "copy"))
     cip.add_argument("--input", nargs="+", required=True, help="JSONL source documents")
     cip.add_argument("--target-tokens", type=int, required=True)
     cip.add_argument("--num-samples", type=int, default=0, help="stop after N samples (0: until sources run out)")
@@ -96,10 +130,21 @@ def build_parser():
     synl.add_argument("--num-samples", type=int, required=True)
     synl.add_argument("--target-tokens", type=int, required=True)
     synl.add_argument("--question-types", default="", help="comma list; default: all")
+    synl.add_argument("--question-weights", default="", help="TYPE=W comma list, e.g. lookup=4,reverse_lookup=4 "
+                      "(unnamed types weigh 1); default: uniform")
     needle.add_argument("--lengths", required=True, help="e.g. 1k,2k,4k")
     needle.add_argument("--depths", default="0:100:10", help="START:STOP:STEP (inclusive) or a comma list")
     needle.add_argument("--haystack", nargs="*", default=[], help="JSONL documents (key text) for --kind needle")
     needle.add_argument("--kind", choices=["needle", "passkey"], default="needle")
+    copy.description = ("copy-rich pretraining text from documents: a recurring 30-150-token span (span), a "
+                        "document twice (repeat), labelled random strings named again later (keys); never the "
+                        "passkey/needle wording")
+    copy.add_argument("--input", nargs="+", required=True, help="JSONL source documents")
+    copy.add_argument("--num-samples", type=int, required=True)
+    copy.add_argument("--target-tokens", type=int, required=True, help="tokens per sample (at most)")
+    copy.add_argument("--kinds", default="span=1,repeat=1,keys=1", help="KIND=WEIGHT comma list of span, repeat, keys")
+    copy.add_argument("--span-tokens", default="30:150", help="MIN:MAX tokens of the recurring span")
+    copy.add_argument("--json-key", default="text")
     return ap
 
 
@@ -109,7 +154,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     out = JsonlWriter(args.output)
     try:
-        summary = {"cip": run_cip, "synl": run_synl, "needle": run_needle}[args.command](args, out)
+        summary = {"cip": run_cip, "synl": run_synl, "needle": run_needle, "copy": run_copy}[args.command](args, out)
     except (DataError, ValueError, FileNotFoundError) as e:
         out.abort()
         print(f"synth {args.command}: {e}", file=sys.stderr)

@@ -35,7 +35,9 @@ class SynlConfig:
     target_tokens: int = 32768
     """The prompt (table + question) fills at most this many tokens, as closely as rows allow."""
     question_types: Tuple[str, ...] = tuple(QUESTION_TYPES)
-    """Question types to draw from, uniformly."""
+    """Question types to draw from (uniformly, unless ``question_weights``)."""
+    question_weights: Tuple[float, ...] = ()
+    """Relative weight of each of ``question_types`` (same order); empty: uniform."""
     seed: int = 0
     """Seed of tables and questions."""
 
@@ -103,6 +105,28 @@ def answer(rows, qtype: str, q: dict) -> str:
     raise ValueError(f"unknown question type {qtype!r}")
 
 
+def parse_weights(text: str, types: Tuple[str, ...]) -> Tuple[float, ...]:
+    """'lookup=4,reverse_lookup=4' -> one weight per type of ``types`` (unnamed types weigh 1); '' -> ()."""
+    if not text:
+        return ()
+    given = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in types:
+            raise ValueError(f"question weight {part!r}: {name!r} is not one of the question types {list(types)}")
+        try:
+            given[name] = float(value)
+        except ValueError:
+            raise ValueError(f"question weight {part!r}: expected TYPE=NUMBER") from None
+        if given[name] < 0:
+            raise ValueError(f"question weight {part!r} must not be negative")
+    weights = tuple(given.get(t, 1.0) for t in types)
+    if not sum(weights):
+        raise ValueError(f"question weights {text!r} give every type weight 0")
+    return weights
+
+
 def make_question(rows, qtype: str, rng: random.Random) -> Tuple[dict, str]:
     """(query, question text) with a unique, well-defined answer."""
     row = rng.choice(rows)
@@ -151,7 +175,8 @@ def prompt_text(table: str, question: str) -> str:
 
 def synl_sample(count_tokens, cfg: SynlConfig, rng: random.Random) -> dict:
     """One sample whose prompt fits ``cfg.target_tokens`` with as many rows as fit."""
-    qtype = rng.choice(list(cfg.question_types))
+    types = list(cfg.question_types)
+    qtype = rng.choices(types, weights=cfg.question_weights)[0] if cfg.question_weights else rng.choice(types)
     seed = rng.randrange(2**31)
     per_row = max(1, count_tokens(render_table(make_rows(20, random.Random(seed)))) // 21)
     guess = max(2, cfg.target_tokens // per_row)

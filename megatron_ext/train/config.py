@@ -109,7 +109,7 @@ def packing_mode(cfg) -> str:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay."""
+    """AdamW with linear warmup, then megatron-core's OptimizerParamScheduler decay (cosine by default)."""
 
     lr: float = 3e-4
     """Peak learning rate."""
@@ -117,6 +117,14 @@ class OptimConfig:
     """Final learning rate."""
     warmup_iters: int = 10
     """Linear warmup iterations."""
+    lr_decay_style: str = "cosine"
+    """megatron-core lr_decay_style after warmup: cosine, linear, constant or WSD (constant, then decay
+    over the last ``lr_wsd_decay_iters`` iterations)."""
+    lr_wsd_decay_iters: int = 0
+    """WSD only: final iterations over which the lr falls to min_lr (megatron-core wsd_decay_steps)."""
+    lr_wsd_decay_style: str = "linear"
+    """WSD only: shape of that final decay (megatron-core lr_wsd_decay_style: linear, cosine, exponential,
+    minus_sqrt)."""
     weight_decay: float = 0.1
     """AdamW weight decay."""
     adam_beta1: float = 0.9
@@ -327,6 +335,24 @@ def _check_virtual_pipeline(cfg: TrainConfig) -> None:
                          f"= {pp * vp} must divide model.num_layers {layers}")
 
 
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+
+
+def _check_lr_schedule(o: OptimConfig) -> None:
+    """optim.lr_decay_style and its WSD settings, as megatron-core's scheduler accepts them."""
+    if o.lr_decay_style not in LR_DECAY_STYLES:
+        raise ValueError(f"optim.lr_decay_style {o.lr_decay_style!r} is not one of {', '.join(LR_DECAY_STYLES)}")
+    if o.lr_decay_style != "WSD":
+        return
+    if o.lr_wsd_decay_style not in WSD_DECAY_STYLES:
+        raise ValueError(f"optim.lr_wsd_decay_style {o.lr_wsd_decay_style!r} is not one of "
+                         f"{', '.join(WSD_DECAY_STYLES)}")
+    if not 0 < o.lr_wsd_decay_iters <= o.train_iters - o.warmup_iters:
+        raise ValueError(f"optim.lr_wsd_decay_iters {o.lr_wsd_decay_iters} must be in 1..train_iters - warmup_iters "
+                         f"= {o.train_iters - o.warmup_iters} with lr_decay_style WSD")
+
+
 def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     """Check the layout against the world size; returns the derived sizes."""
     p = cfg.parallel
@@ -337,6 +363,7 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
                          f"model.num_layers {cfg.model.num_layers}")
     _check_virtual_pipeline(cfg)
     _check_heads(cfg)
+    _check_lr_schedule(cfg.optim)
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     if world_size % model_parallel:
         raise ValueError(f"TP x PP x CP = {p.tensor_model_parallel_size} x {p.pipeline_model_parallel_size} x "

@@ -65,7 +65,11 @@ def _epoch_samples(prefixes: List[str], seq_length: int, split: str) -> List[Opt
     depends on the data only, for weighted blends, which need one)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    tokens = sum(int(IndexedDataset(p).sequence_lengths.sum()) for p in prefixes)
+    tokens = 0
+    for p in prefixes:
+        ds = IndexedDataset(p)  # held while reading: its __del__ closes the mmap that sequence_lengths views
+        tokens += int(ds.sequence_lengths.sum())
+        del ds
     parts = [float(x) for x in split.replace("/", ",").split(",")]
     return [max(1, int(tokens * part / sum(parts)) // seq_length) if part > 0 else None for part in parts]
 
@@ -113,7 +117,8 @@ def build_datasets(cfg, tokenizer, cache_dir: str, valid_samples: int = 0, packi
     sizes = [None, None, None] if one else _epoch_samples(prefixes, cfg.seq_length, cfg.split)
     if valid_samples and sizes[1] is None and not one:
         raise ValueError(f"logging.eval_iters > 0 needs a valid share in data.split (got {cfg.split!r})")
-    sizes = [sizes[0], sizes[1], 0]  # no test split is used
+    # no test split is used; a weighted blend needs a size (0) for a split without a share
+    sizes = [sizes[0], sizes[1] if one or sizes[1] is not None else 0, 0]
 
     def build(suffix):
         p, w = _blend(cfg.blend, suffix)

@@ -2,7 +2,7 @@
 ``get_megatron_optimizer`` (Adam with decoupled weight decay, global-norm clipping
 and the finite check across TP/PP/DP, the distributed optimizer sharding fp32 main
 params and Adam states over DP x CP) and ``OptimizerParamScheduler`` (linear warmup,
-cosine decay to min_lr, in iterations)."""
+then ``optim.lr_decay_style``'s decay to min_lr, in iterations)."""
 from __future__ import annotations
 
 from .config import TrainConfig
@@ -24,18 +24,24 @@ def optimizer_config(cfg: TrainConfig):
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
 
 
+def scheduler_kwargs(cfg: TrainConfig) -> dict:
+    """megatron-core OptimizerParamScheduler arguments (all but the optimizer) from ``cfg.optim``."""
+    o = cfg.optim
+    return dict(
+        init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_iters,
+        lr_decay_steps=max(o.train_iters, o.warmup_iters + 1), lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=o.train_iters, wd_incr_style="constant",
+        # a resumed run may change train_iters (and so the decay length): the config wins,
+        # the step count comes from the checkpoint
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
+        wsd_decay_steps=o.lr_wsd_decay_iters or None, lr_wsd_decay_style=o.lr_wsd_decay_style)
+
+
 def build_optimizer(cfg: TrainConfig, model_chunks):
     """(MegatronOptimizer, OptimizerParamScheduler) for the DDP-wrapped ``model_chunks``."""
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    o = cfg.optim
     optimizer = get_megatron_optimizer(optimizer_config(cfg), model_chunks)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_iters,
-        lr_decay_steps=max(o.train_iters, o.warmup_iters + 1), lr_decay_style="cosine",
-        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=o.train_iters, wd_incr_style="constant",
-        # a resumed run may change train_iters (and so the decay length): the config wins,
-        # the step count comes from the checkpoint
-        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+    scheduler = OptimizerParamScheduler(optimizer, **scheduler_kwargs(cfg))
     return optimizer, scheduler

@@ -1,13 +1,17 @@
 """Mini-LongSkywork: the paper's central claim in miniature, with ablations, as one command.
 
     python -m megatron_ext.experiments.mini_longskywork [--arms all|full,base,...] [--out runs/mini] [--resume]
+        [--gate-threshold X] [--ignore-gate]
 
 A small GPT is pretrained at L0, continually pretrained at L1 = 8 x L0 with RoPE ABF
 on CIP data (CP=2 ring), SFT-ed, then long-SFT-ed for 200 iterations at L1 on SynL.
 Arms share their common prefix (no stage is trained twice) and each is evaluated on
 passkey, needle and held-out SynL at L0/2, L0, 2 L0, 4 L0 and L1. Writes
 OUT/results.json, OUT/report.md, OUT/losses.png and OUT/heatmaps/. --resume continues
-a killed run: finished data, stages and evaluations are not repeated.
+a killed run: finished data, stages and evaluations are not repeated. After ``base``
+a gate evaluates the base with its own RoPE at L0/2 and L0; if its passkey accuracy at
+L0 is under the threshold the base cannot copy, and the run stops there and reports
+that (--ignore-gate runs on).
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ def experiment_config(args) -> ExperimentConfig:
             raise ValueError(f"{args.out} holds a run already; pass --resume to continue it, or choose another --out")
         return load_experiment(json.load(open(path)))
     cfg = toy_config() if args.toy else ExperimentConfig()
+    if args.gate_threshold is not None:
+        cfg.gate_threshold = args.gate_threshold
     os.makedirs(args.out, exist_ok=True)
     atomic_write(path, json.dumps(dataclasses.asdict(cfg), indent=1).encode())
     return cfg
@@ -102,6 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/mini", help="run folder (results.json, report.md, stages/, eval/)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out; finished work is skipped")
     ap.add_argument("--toy", action="store_true", help="toy sizes (the smoke test): 2 iterations a stage, one length")
+    ap.add_argument("--gate-threshold", type=float, default=None, help="passkey accuracy at L0 (base, own RoPE) "
+                    "below which the run stops after base (default: the config's gate_threshold; a new run only)")
+    ap.add_argument("--ignore-gate", action="store_true", help="run every stage even if the base cannot copy")
     add_output_flags(ap)
     args = ap.parse_args(argv)
     t0 = time.monotonic()
@@ -121,7 +130,9 @@ def main(argv=None) -> int:
     for s in stages:
         if os.path.exists(f"{s['folder']}/DONE.json"):
             print(f"mini: stage {s['name']} finished earlier, skipped", flush=True)
-    plan = {"experiment": dataclasses.asdict(cfg), "paths": paths, "stages": stages, "evals": evals}
+    gate = {"threshold": cfg.gate_threshold, "ignore": args.ignore_gate, "stage_dir": f"{args.out}/stages/base",
+            "controls": f"{args.out}/eval/controls.json", "file": f"{args.out}/gate.json"}
+    plan = {"experiment": dataclasses.asdict(cfg), "paths": paths, "stages": stages, "evals": evals, "gate": gate}
     try:
         run_worker(args.out, plan, Progress(stages, t0))
     finally:
@@ -131,9 +142,13 @@ def main(argv=None) -> int:
     results = {a: json.load(open(f)) for a, f in ((a, f"{args.out}/eval/{a}.json") for a in ALL_ARMS)
                if os.path.exists(f)}
     setup = json.load(open(f"{args.out}/data/DONE.json")).get("setup", [])
-    res = report.write(cfg, args.out, recs, results, json.load(open(f"{args.out}/timing.json"))["seconds"], setup)
+    controls = {"base-own-rope": json.load(open(gate["controls"]))}
+    res = report.write(cfg, args.out, recs, results, json.load(open(f"{args.out}/timing.json"))["seconds"], setup,
+                       controls, json.load(open(gate["file"])))
     for arm, a in res["arms"].items():
         print(f"{arm:12s} passkey {a['passkey']} needle {a['needle']} synl {a['synl']}")
+    for name, a in res["controls"].items():
+        print(f"{name:12s} passkey {a['passkey']} needle {a['needle']} (control)")
     print(f"mini_longskywork: done; {args.out}/report.md, {args.out}/results.json", flush=True)
     return 0
 

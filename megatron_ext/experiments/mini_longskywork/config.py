@@ -15,9 +15,12 @@ class StageSize:
     global_batch: int
     """Sequences per iteration (micro-batch 1)."""
     lr: float
-    """Peak learning rate (cosine to lr / 10 after warmup)."""
+    """Peak learning rate (cosine to lr / 10 after warmup, unless ``wsd_decay``)."""
     warmup: int
     """Warmup iterations."""
+    wsd_decay: int = 0
+    """0: cosine decay. N > 0: constant lr after warmup, then linear decay to lr / 10 over the last N
+    iterations (megatron-core's WSD schedule: optim.lr_decay_style WSD)."""
 
 
 @dataclass
@@ -44,14 +47,29 @@ class ExperimentConfig:
     """Corpus documents used for training (pretraining, CIP, concat)."""
     haystack_docs: int = 40
     """Corpus documents held out for the needle haystack; never trained on."""
-    base: StageSize = field(default_factory=lambda: StageSize(600, 8, 1e-3, 30))
-    """Pretraining at L0 from random weights (data-parallel over 2 ranks)."""
+    base: StageSize = field(default_factory=lambda: StageSize(2000, 4, 1e-3, 50, wsd_decay=400))
+    """Pretraining at L0 from random weights (data-parallel over 2 ranks). Second run (issue #25): 2000 steps
+    of 4 x 512 tokens (4.1M tokens; the first run had 600 steps of 8, 2.5M), constant lr, decay over the
+    last 400. Expected: the base copies (controls.base-own-rope passkey >= 0.9 at L0)."""
+    copy_share: float = 0.3
+    """Share of base pretraining samples drawn from copy-rich text (data_tools.synth copy), the rest
+    from the training documents (disclosed in the report's setup)."""
+    copy_kinds: str = "span=2,repeat=1,keys=2"
+    """``synth copy --kinds``: recurring span, document twice, labelled random strings."""
+    split_digits: bool = True
+    """Tokenizer splits every digit into its own piece (as Llama's), so a key tokenizes the same twice."""
+    gate_threshold: float = 0.5
+    """Gate after ``base``: passkey accuracy at L0 with the base's own RoPE below this stops the run
+    (override: ``--ignore-gate``)."""
     cpt: StageSize = field(default_factory=lambda: StageSize(120, 2, 3e-4, 10))
     """Continual pretraining at L1 with RoPE ABF (CP=2 ring)."""
     sft: StageSize = field(default_factory=lambda: StageSize(150, 8, 3e-4, 10))
     """SFT on short examples at L0 (packed)."""
     long_sft: StageSize = field(default_factory=lambda: StageSize(200, 2, 2e-4, 5))
     """Long SFT at L1 (packed, CP=2 ring): exactly 200 iterations in the full run."""
+    sft_question_weights: str = "lookup=4,reverse_lookup=4,multi_hop=2"
+    """``synth synl --question-weights`` of every SFT mix: mostly look-ups with multi-token answers
+    (names, dates, ids: several pieces each), so SFT supervises more than one token."""
     sft_targets: Tuple[int, ...] = (192, 256, 320, 448)
     """Token sizes of the short SFT examples (SynL tables small enough for L0)."""
     sft_examples: int = 600
@@ -71,10 +89,19 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
+PLANNED_MINUTES = 83
+"""Planned wall clock of ``--arms all``, from the first run's timings (experiments/mini_longskywork/report.md,
+2 cores): base 659 s / 600 steps of 8 -> ~0.14 s a 512-token sample, so 2000 x 4 samples ~ 1150 s (19 min,
+with per-step overhead); gate (passkey+needle at 256/512, own RoPE) ~ 0.5 min; the other seven stages
+unchanged, 3246 s (54 min); six arm evaluations ~ 6.6 min; data (tokenizer, CIP, SynL, copy text) ~ 2 min.
+Total ~ 83 min <= 90. If the gate stops the run: ~ 23 min."""
+
+
 def toy_config() -> ExperimentConfig:
     """The smoke test's sizes: every arm, 2 iterations per stage, one eval length."""
     two = StageSize(2, 2, 1e-3, 0)
+    wsd = StageSize(2, 2, 1e-3, 0, wsd_decay=1)  # the base's schedule path
     return ExperimentConfig(l0=384, l1=768, num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=1000,
-                            train_docs=40, haystack_docs=4, base=two, cpt=two, sft=two, long_sft=two,
+                            train_docs=40, haystack_docs=4, base=wsd, cpt=two, sft=two, long_sft=two,
                             sft_targets=(300,), sft_examples=8, long_synl_examples=4, eval_lengths=[384],
-                            eval_depths="0,50", synl_eval_samples=2)
+                            eval_depths="0,50", synl_eval_samples=2, copy_share=0.5)

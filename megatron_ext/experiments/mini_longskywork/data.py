@@ -15,7 +15,9 @@ import subprocess
 import sys
 from typing import Dict, List, Tuple
 
-from data_tools.common import atomic_write
+from data_tools.common import atomic_write, load_tokenizer
+from data_tools.segments import encode_pair
+from data_tools.synth.copytext import eval_hits
 
 from ...demo import corpus
 from .config import ExperimentConfig
@@ -68,9 +70,55 @@ def _split_corpus(cfg: ExperimentConfig, root: str) -> str:
             f"content hash: no text on both sides; {dropped} duplicate copies of held-out texts dropped)")
 
 
-def _synl(tok: str, out: str, n: int, target: int, seed: int) -> None:
+def _synl(tok: str, out: str, n: int, target: int, seed: int, weights: str = "") -> None:
     tool("data_tools.synth", "synl", "--output", out, "--num-samples", str(n), "--target-tokens", str(target),
-         "--tokenizer-model", tok, "--seed", str(seed))
+         "--tokenizer-model", tok, "--seed", str(seed), "--question-weights", weights)
+
+
+def template_hits(copy_path: str, haystack_path: str) -> List[str]:
+    """What of the evaluation a copy-text file holds: passkey/needle wording (synth copy's EVAL_PHRASES)
+    and lines (30+ characters) found only in the held-out haystack; [] when clean. ``FILE:LINE: what``."""
+    haystack = [json.loads(x)["text"] for x in open(haystack_path)]
+    hay_lines = {ln.strip() for t in haystack for ln in t.splitlines() if len(ln.strip()) >= 30}
+    hits = []
+    for i, raw in enumerate(open(copy_path), 1):
+        text = json.loads(raw)["text"]
+        found = eval_hits(text) + sorted(ln for ln in hay_lines if ln in text)[:1] + [
+            "a whole haystack document" for t in haystack if t.strip() and t.strip() in text][:1]
+        hits += [f"{copy_path}:{i}: {h!r}" for h in found]
+    return hits
+
+
+def _copy_text(cfg: ExperimentConfig, root: str, tok: str) -> str:
+    """Copy-rich base pretraining text from the training documents only; raises if it holds any of the
+    evaluation (template wording or haystack text)."""
+    out = f"{root}/data/copy.jsonl"
+    n = max(30, int(cfg.base.iters * cfg.base.global_batch * cfg.copy_share) + 1)  # every sample once
+    tool("data_tools.synth", "copy", "--input", f"{root}/docs.jsonl", "--output", out, "--num-samples", str(n),
+         "--target-tokens", str(cfg.l0), "--tokenizer-model", tok, "--seed", "400", "--kinds", cfg.copy_kinds)
+    hay_only = _haystack_only(root)
+    hits = template_hits(out, hay_only)
+    os.remove(hay_only)
+    if hits:
+        raise RuntimeError(f"copy text holds evaluation text ({len(hits)} hits):\n" + "\n".join(hits[:10]))
+    return out
+
+
+def _haystack_only(root: str) -> str:
+    """haystack.jsonl with every line that also occurs in a training document blanked (shared boilerplate)."""
+    train = {ln.strip() for x in open(f"{root}/docs.jsonl") for ln in json.loads(x)["text"].splitlines()}
+    rows = [json.loads(x)["text"] for x in open(f"{root}/haystack.jsonl")]
+    keep = ["\n".join(ln for ln in t.splitlines() if ln.strip() not in train) for t in rows]
+    path = f"{root}/data/haystack_only.jsonl"
+    atomic_write(path, "".join(json.dumps({"text": t}) + "\n" for t in keep).encode())
+    return path
+
+
+def supervised_tokens(tok: str, path: str) -> float:
+    """Mean tokens per SFT sample that carry loss (separator + response, the suffix rule's cut)."""
+    sp = load_tokenizer(tok)
+    rows = [json.loads(x) for x in open(path)]
+    return sum(len(encode_pair(sp, r["prompt"], r["response"])[1]) for r in rows) / max(1, len(rows))
 
 
 def _cat(out: str, parts: List[str]) -> None:
@@ -83,7 +131,7 @@ def _sft_examples(cfg: ExperimentConfig, tok: str, d: str, name: str, seed: int)
     per = max(1, cfg.sft_examples // len(cfg.sft_targets))
     for i, target in enumerate(cfg.sft_targets):
         parts.append(f"{d}/{name}_{target}.jsonl")
-        _synl(tok, parts[-1], per, target, seed + i)
+        _synl(tok, parts[-1], per, target, seed + i, cfg.sft_question_weights)
     _cat(f"{d}/{name}.jsonl", parts)
     return f"{d}/{name}.jsonl"
 
@@ -109,20 +157,40 @@ def build_template(cfg: ExperimentConfig, root: str) -> str:
     return prefix
 
 
+def _copy_and_sft_setup(cfg: ExperimentConfig, tok: str, copy: str, sft: Dict[str, str]) -> List[str]:
+    """The report's setup lines on the tokenizer, the copy-rich share and schedule of the base, and the SFT mix."""
+    metas = [json.loads(x)["meta"] for x in open(copy)]
+    per = {k: sum(m["kind"] == k for m in metas) for k in dict.fromkeys(m["kind"] for m in metas)}
+    sup = {n: supervised_tokens(tok, p) for n, p in sft.items()}
+    return [f"Tokenizer: sentencepiece BPE, {cfg.vocab_size} pieces, trained on the training documents only"
+            f"{', digits split (one piece per digit)' if cfg.split_digits else ''}.",
+            f"Base pretraining: {cfg.copy_share:.0%} of samples from copy-rich text ({len(metas)} samples of "
+            f"<= {cfg.l0} tokens made by `data_tools.synth copy` from the training documents: "
+            + ", ".join(f"{n} {k}" for k, n in per.items()) + "; span: a 30-150-token span recurs later, repeat: "
+            "a document twice, keys: labelled random strings named again), the rest training documents. "
+            "Scanned: no passkey/needle wording, no haystack text.",
+            f"Base schedule: {cfg.base.iters} steps of {cfg.base.global_batch} x {cfg.l0} tokens, lr {cfg.base.lr} "
+            + (f"constant, decaying over the last {cfg.base.wsd_decay} (WSD)." if cfg.base.wsd_decay else
+               "with cosine decay."),
+            f"SynL question weights (SFT and long SFT): {cfg.sft_question_weights or 'uniform'}; supervised "
+            "tokens per sample (separator + answer): " + ", ".join(f"{n} {v:.1f}" for n, v in sup.items()) + "."]
+
+
 def build(cfg: ExperimentConfig, root: str, log=print) -> Dict[str, str]:
     """Every dataset prefix the stages read, keyed by name; skips what exists (resume)."""
     d = f"{root}/data"
     os.makedirs(d, exist_ok=True)
     tok = f"{root}/tok.model"
     done = f"{d}/DONE.json"
-    names = ("docs", "cip", "concat", "sft", "long_mix", "long_nosynl")
+    names = ("docs", "copy", "cip", "concat", "sft", "long_mix", "long_nosynl")
     prefixes = {name: f"{d}/{name}" for name in names}
     if os.path.exists(done):
         return dict(prefixes, tokenizer=tok, haystack=f"{root}/haystack.jsonl")
     setup = [f"Corpus: {_split_corpus(cfg, root)}."]
     log(f"data: {setup[0]}")
     tool("data_tools.tokenizer", "train", "--input", f"{root}/docs.jsonl", "--vocab-size", str(cfg.vocab_size),
-         "--output-prefix", f"{root}/tok")
+         "--output-prefix", f"{root}/tok", *(["--split-digits"] if cfg.split_digits else []))
+    copy = _copy_text(cfg, root, tok)
     n_cpt = cfg.cpt.iters * cfg.cpt.global_batch
     for mode in ("cip", "concat"):  # the same documents, interleaved or whole
         tool("data_tools.synth", "cip", "--input", f"{root}/docs.jsonl", "--output", f"{d}/{mode}.jsonl",
@@ -130,17 +198,19 @@ def build(cfg: ExperimentConfig, root: str, log=print) -> Dict[str, str]:
              "--num-samples", str(n_cpt), "--allow-reuse")
     sft = _sft_examples(cfg, tok, d, "sft", seed=100)
     other = _sft_examples(cfg, tok, d, "sft_long_share", seed=200)  # fresh tables for the long stage
-    _synl(tok, f"{d}/synl_long.jsonl", cfg.long_synl_examples, int(cfg.l1 * 0.95), seed=300)
+    _synl(tok, f"{d}/synl_long.jsonl", cfg.long_synl_examples, int(cfg.l1 * 0.95), seed=300,
+          weights=cfg.sft_question_weights)
     _cat(f"{d}/long_mix.jsonl", [f"{d}/synl_long.jsonl", other])
     _cat(f"{d}/long_nosynl.jsonl", [other])
-    jobs = [("docs", f"{root}/docs.jsonl", "--append-eod"), ("cip", f"{d}/cip.jsonl", "--append-eod"),
+    jobs = [("docs", f"{root}/docs.jsonl", "--append-eod"), ("copy", copy, "--append-eod"),
+            ("cip", f"{d}/cip.jsonl", "--append-eod"),
             ("concat", f"{d}/concat.jsonl", "--append-eod"), ("sft", sft, "--sft"),
             ("long_mix", f"{d}/long_mix.jsonl", "--sft"), ("long_nosynl", f"{d}/long_nosynl.jsonl", "--sft")]
     for name, src, flag in jobs:
         tool("data_tools.preprocess", "--input", src, "--output-prefix", prefixes[name], "--tokenizer-model", tok,
              flag)
-    setup += [f"Tokenizer: sentencepiece BPE, {cfg.vocab_size} pieces, trained on the training documents only.",
-              f"Continual pretraining data: {n_cpt} samples of {cfg.l1} tokens, CIP (arm no-cip: the same "
+    setup += _copy_and_sft_setup(cfg, tok, copy, {"SFT": sft, "long SFT": f"{d}/long_mix.jsonl"})
+    setup += [f"Continual pretraining data: {n_cpt} samples of {cfg.l1} tokens, CIP (arm no-cip: the same "
               f"documents concatenated whole), from the training documents.",
               f"SFT data: short SynL tables of {list(cfg.sft_targets)} tokens, {cfg.sft_examples} examples.",
               f"Long SFT data: {cfg.long_synl_examples} SynL tables of ~{int(cfg.l1 * 0.95)} tokens plus "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from data_tools.common import load_tokenizer
 from data_tools.synth.needle import parse_depths, read_haystack
@@ -35,15 +35,15 @@ def synl_prompt(sp, length: int, index: int) -> dict:
     return prompt_and_answer(sp, sample)
 
 
-def _cells(cfg: ExperimentConfig, sp, haystack: str, log) -> List[dict]:
-    """Every prompt of the evaluation (the same for every arm)."""
+def _cells(cfg: ExperimentConfig, sp, haystack: str, log, lengths: List[int], tasks=TASKS) -> List[dict]:
+    """Every prompt of the evaluation (the same for every arm) at ``lengths``, of ``tasks``."""
     cells = []
-    for kind in ("passkey", "needle"):
-        for length in cfg.eval_lengths:
+    for kind in [t for t in ("passkey", "needle") if t in tasks]:
+        for length in lengths:
             for depth in parse_depths(cfg.eval_depths):
                 c = cell_prompt(haystack, kind, 0, sp, length, depth)
                 cells.append({"task": kind, "length": length, "depth": depth, **c})
-    for length in cfg.eval_lengths:
+    for length in lengths if "synl" in tasks else []:
         for i in range(cfg.synl_eval_samples):
             try:
                 cells.append({"task": "synl", "length": length, "depth": float(i), **synl_prompt(sp, length, i)})
@@ -53,26 +53,41 @@ def _cells(cfg: ExperimentConfig, sp, haystack: str, log) -> List[dict]:
     return cells
 
 
-def evaluate_arm(cfg: ExperimentConfig, stage_dir: str, paths: Dict[str, str], log=print) -> dict:
-    """{"passkey": {"4096": acc, ...}, "needle": {...}, "synl": {...}, "cells": [...], "seconds": s}."""
+CONTROL_TASKS = ("passkey", "needle")
+"""Tasks of the base-own-rope control (the gate reads its passkey)."""
+
+
+def control_lengths(cfg: ExperimentConfig) -> List[int]:
+    """L0/2 and L0: where the base model was trained."""
+    return [cfg.l0 // 2, cfg.l0]
+
+
+def evaluate_arm(cfg: ExperimentConfig, stage_dir: str, paths: Dict[str, str], log=print, own_rope: bool = False,
+                 lengths: Optional[List[int]] = None, tasks=TASKS) -> dict:
+    """{"passkey": {"4096": acc, ...}, "needle": {...}, "synl": {...}, "cells": [...], "seconds": s}.
+
+    ``own_rope``: the base's RoPE (no ABF) instead of the long stages' ABF; ``lengths`` default
+    ``cfg.eval_lengths``; only ``tasks`` are evaluated (and keyed)."""
     from megatron.core import parallel_state
     import torch.distributed as dist
 
     t0 = time.monotonic()
     info = read_checkpoint(stage_dir)
-    rope = RopeConfig(base=cfg.rope_base, scaling="abf", abf_base=cfg.abf_base, original_max_position=cfg.l0)
-    model, bf16 = load_model(info, dist.get_world_size(), "p2p", rope, max(cfg.eval_lengths))
+    lengths = lengths or cfg.eval_lengths
+    scaling = {"scaling": "none"} if own_rope else {"scaling": "abf", "abf_base": cfg.abf_base}
+    rope = RopeConfig(base=cfg.rope_base, original_max_position=cfg.l0, **scaling)
+    model, bf16 = load_model(info, dist.get_world_size(), "p2p", rope, max(lengths))
     group = parallel_state.get_context_parallel_group()
     sp = load_tokenizer(paths["tokenizer"])
     done = []
-    for c in _cells(cfg, sp, read_haystack([paths["haystack"]]), log):
+    for c in _cells(cfg, sp, read_haystack([paths["haystack"]]), log, lengths, tasks):
         s = score_answer(model, c["prompt_ids"], c["answer_ids"], group, bf16)
         done.append({"task": c["task"], "length": c["length"], "depth": c["depth"], "score": int(s.greedy_match),
                      "mean_logprob": s.mean_logprob, "answer": c["sample"]["response"],
                      "context_tokens": len(c["prompt_ids"])})
-    out = {task: {} for task in TASKS}
-    for task in TASKS:
-        for length in cfg.eval_lengths:
+    out = {task: {} for task in tasks}
+    for task in tasks:
+        for length in lengths:
             mine = [c["score"] for c in done if c["task"] == task and c["length"] == length]
             if mine:
                 out[task][str(length)] = sum(mine) / len(mine)

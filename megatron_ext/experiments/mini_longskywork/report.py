@@ -9,17 +9,32 @@ from data_tools.common import atomic_write
 
 from ...eval import results as eval_results
 from .config import ExperimentConfig
-from .evaluate import TASKS
+from .evaluate import CONTROL_TASKS, TASKS
 from .stages import ALL_ARMS, ARMS, TEMPLATE_ARMS
 
 RETRIEVAL = ("passkey", "needle")
 
 
-def results_json(cfg: ExperimentConfig, evals: Dict[str, dict]) -> dict:
-    """{"L0": 512, "L1": 4096, "arms": {arm: {task: {"length": accuracy}}}} over the main arms
-    (the template diagnostic stays out of it)."""
+def results_json(cfg: ExperimentConfig, evals: Dict[str, dict], controls: Dict[str, dict]) -> dict:
+    """{"L0": 512, "L1": 4096, "arms": {arm: {task: {"length": accuracy}}}, "controls": {"base-own-rope":
+    {task: {"length": accuracy}}}} over the main arms (the template diagnostic stays out of it); a
+    control holds passkey and needle at L0/2 and L0."""
     return {"L0": cfg.l0, "L1": cfg.l1,
-            "arms": {arm: {task: dict(ev[task]) for task in TASKS} for arm, ev in evals.items() if arm in ARMS}}
+            "arms": {arm: {task: dict(ev[task]) for task in TASKS} for arm, ev in evals.items() if arm in ARMS},
+            "controls": {name: {task: dict(ev[task]) for task in CONTROL_TASKS} for name, ev in controls.items()}}
+
+
+def gate_lines(gate: dict) -> List[str]:
+    """What the gate after ``base`` decided (OUT/gate.json)."""
+    head = (f"base-own-rope passkey at L0 {gate['passkey_l0']:.2f}, threshold {gate['threshold']:.2f}")
+    if gate["passed"]:
+        return [f"Gate passed ({head}: at or above it); every stage ran."]
+    if gate["ignored"]:
+        return [f"Gate failed but was ignored (--ignore-gate): {head}. The base cannot copy; the arms below "
+                "cannot show what the recipe does for retrieval."]
+    return [f"STOPPED AT THE GATE: the base cannot copy ({head}). Continual pretraining, SFT and long SFT were "
+            "not run; only finished arms are reported. Fix the base (data, steps) before spending the remaining "
+            "time, or rerun with --resume --ignore-gate."]
 
 
 FLOOR = 0.1
@@ -59,6 +74,8 @@ def verdict(res: dict, counts: dict) -> List[str]:
     the number of cells behind it (``counts``: :func:`cell_counts`). Inconclusive when no arm
     clears the floor (mean passkey+needle accuracy > FLOOR)."""
     arms = res["arms"]
+    if not arms:
+        return ["No arm was evaluated: nothing to compare."]
     lengths = {n for a in arms.values() for n in a["passkey"]}
     l1 = str(res["L1"]) if str(res["L1"]) in lengths else max(lengths, key=int)  # toy runs stop short of L1
     pk = {arm: a["passkey"][l1] for arm, a in arms.items()}
@@ -75,6 +92,9 @@ def verdict(res: dict, counts: dict) -> List[str]:
                    f"{'held' if hit else 'did not hold'}: " + ", ".join(
                        f"{a} {pk[a]:.2f} ({_n(counts, a, ('passkey',), l1)} cells)"
                        for a in ("full", "base", "no-long-sft")) + ".")
+    reach = [arm for arm in arms if pk[arm] >= 0.9]
+    out.append(f"Arms with passkey >= 0.90 at {l1} tokens: " + (", ".join(
+        f"{a} {pk[a]:.2f} ({_n(counts, a, ('passkey',), l1)} cells)" for a in reach) if reach else "none") + ".")
     pairs = [("no-long-sft", "the 200-iteration long SFT"), ("no-synl", "SynL in the long SFT"),
              ("no-cip", "CIP (against plain concatenation) in continual pretraining"),
              ("cpt-only", "SFT and long SFT after continual pretraining")]
@@ -148,15 +168,31 @@ def _logprob_table(evals: Dict[str, dict], lengths: List[int]) -> List[str]:
     return lines
 
 
+def _controls_table(controls: Dict[str, dict], lengths: List[int]) -> List[str]:
+    lines = ["| control | task | " + " | ".join(f"{n} (cells)" for n in lengths) + " | mean log-prob |",
+             "|" + "---|" * (3 + len(lengths))]
+    for name, ev in controls.items():
+        for task in CONTROL_TASKS:
+            n = {k: sum(c["task"] == task and str(c["length"]) == k for c in ev["cells"]) for k in map(str, lengths)}
+            lp = _mean([c["mean_logprob"] for c in ev["cells"] if c["task"] == task])
+            lines.append(f"| {name} | {task} | " + " | ".join(f"{ev[task][str(k)]:.2f} ({n[str(k)]})" for k in lengths)
+                         + f" | {lp:.2f} |")
+    return lines
+
+
 def write(cfg: ExperimentConfig, out: str, stage_recs: List[dict], evals: Dict[str, dict], seconds: float,
-          setup: List[str]) -> dict:
-    """Writes OUT/results.json, OUT/report.md, OUT/losses.png, OUT/heatmaps/; returns results.json's dict."""
-    res = results_json(cfg, evals)
+          setup: List[str], controls: Dict[str, dict], gate: dict) -> dict:
+    """Writes OUT/results.json, OUT/report.md, OUT/losses.png, OUT/heatmaps/; returns results.json's dict.
+    ``controls``: {"base-own-rope": evaluation}; ``gate``: OUT/gate.json."""
+    res = results_json(cfg, evals, controls)
     atomic_write(f"{out}/results.json", (json.dumps(res, indent=1) + "\n").encode())
     losses = _losses([r["stage"] for r in stage_recs], out)
     maps = _heatmaps(evals, out)
     lines = ["# Mini-LongSkywork", "", f"L0 = {cfg.l0}, L1 = {cfg.l1}; total time {seconds / 60:.1f} min "
              f"(this run's wall clock, 2 CPU cores).", "", "## Setup", ""] + [f"- {s}" for s in setup]
+    lines += ["", "## Gate after base: can the base copy?", ""] + [f"- {x}" for x in gate_lines(gate)] + [
+        "", "The base model with its own RoPE (no ABF), at the lengths it was trained on:", ""]
+    lines += _controls_table(controls, [cfg.l0 // 2, cfg.l0])
     lines += ["", "## Accuracy (greedy exact match of the whole answer, teacher-forced)", ""]
     main = {a: e for a, e in evals.items() if a in ARMS}
     diag = {a: e for a, e in evals.items() if a in TEMPLATE_ARMS}

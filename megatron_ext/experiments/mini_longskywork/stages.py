@@ -72,6 +72,20 @@ def needed(arms: List[str]) -> List[Stage]:
     return [s for s in STAGES if s.name in want]
 
 
+def _blend(cfg: ExperimentConfig, stage: Stage, paths: Dict[str, str]) -> list:
+    """Megatron blend [weight, prefix, ...]: pretraining from scratch mixes in the copy-rich text."""
+    if stage.parent is None and cfg.copy_share > 0:
+        return [1.0 - cfg.copy_share, paths[stage.data], cfg.copy_share, paths["copy"]]
+    return [1.0, paths[stage.data]]
+
+
+def _optim(size: StageSize) -> dict:
+    """The stage's optim section: cosine, or megatron-core's WSD when ``size.wsd_decay``."""
+    sched = {"lr_decay_style": "WSD", "lr_wsd_decay_iters": size.wsd_decay} if size.wsd_decay else {}
+    return {"lr": size.lr, "min_lr": size.lr / 10, "warmup_iters": size.warmup, **sched, "micro_batch_size": 1,
+            "global_batch_size": size.global_batch, "train_iters": size.iters, "weight_decay": 0.1}
+
+
 def stage_config(cfg: ExperimentConfig, stage: Stage, paths: Dict[str, str], out: str) -> dict:
     """The megatron_ext.train config of one stage (a plain dict, written as YAML)."""
     size: StageSize = getattr(cfg, stage.size)
@@ -84,11 +98,10 @@ def stage_config(cfg: ExperimentConfig, stage: Stage, paths: Dict[str, str], out
         "parallel": {"context_parallel_size": 2 if stage.long else 1, "cp_comm_type": "p2p"},
         "model": {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "ffn_hidden_size": 4 * cfg.hidden_size,
                   "num_attention_heads": heads, "num_query_groups": heads, "rope": rope},
-        "data": {"blend": [1.0, paths[stage.data]], "tokenizer_model": paths["tokenizer"],
+        "data": {"blend": _blend(cfg, stage, paths), "tokenizer_model": paths["tokenizer"],
                  "seq_length": cfg.l1 if stage.long else cfg.l0, "sft": stage.kind != "pretrain",
                  "cache_dir": f"{out}/cache/{stage.name}"},
-        "optim": {"lr": size.lr, "min_lr": size.lr / 10, "warmup_iters": size.warmup, "micro_batch_size": 1,
-                  "global_batch_size": size.global_batch, "train_iters": size.iters, "weight_decay": 0.1},
+        "optim": _optim(size),
         "checkpoint": {"save_dir": f"{out}/stages/{stage.name}", "save_interval": max(1, size.iters // 2),
                        "keep_last": 1, "init_from": f"{out}/stages/{stage.parent}" if stage.parent else ""},
         "logging": {"log_interval": max(1, min(10, size.iters // 10)), "wandb": False},

@@ -6,6 +6,11 @@ One launch runs every stage in order (megatron-core's parallel state is rebuilt 
 stage), so interpreter and import start-up is paid once. Each finished stage writes
 ``DONE.json`` and each finished arm ``OUT/eval/ARM.json`` (rank 0, atomically);
 a killed run resumes at the first unfinished one.
+
+After ``base`` the gate evaluates the base with its own RoPE at L0/2 and L0
+(``OUT/eval/controls.json``, the report's ``controls.base-own-rope``). Passkey at L0
+below ``gate_threshold`` means the base cannot copy: the later stages are not run
+(``OUT/gate.json`` says so) unless the plan says to ignore the gate.
 """
 from __future__ import annotations
 
@@ -62,13 +67,41 @@ def run_stages(plan: dict, rank: int) -> None:
         dist.barrier()
 
 
-def run_evals(plan: dict, rank: int) -> None:
+def run_gate(plan: dict, rank: int) -> bool:
+    """The base-own-rope control (evaluated once) and the gate's decision; True: run the rest."""
+    import torch.distributed as dist
+
+    from .evaluate import CONTROL_TASKS, control_lengths, evaluate_arm
+
+    g, cfg = plan["gate"], load_experiment(plan["experiment"])
+    if not os.path.exists(g["controls"]):
+        if rank == 0:
+            print(f"{PREFIX} eval base-own-rope start", flush=True)
+        res = evaluate_arm(cfg, g["stage_dir"], plan["paths"], log=print if rank == 0 else (lambda *_: None),
+                           own_rope=True, lengths=control_lengths(cfg), tasks=CONTROL_TASKS)
+        if rank == 0:
+            atomic_write(g["controls"], json.dumps(dict(res, arm="base-own-rope")).encode())
+        dist.barrier()
+    passkey = json.load(open(g["controls"]))["passkey"][str(cfg.l0)]
+    passed = passkey >= g["threshold"]
+    if rank == 0:
+        atomic_write(g["file"], json.dumps({"passed": passed, "ignored": bool(g["ignore"]) and not passed,
+                                            "threshold": g["threshold"], "passkey_l0": passkey}).encode())
+        what = "passed" if passed else "ignored (--ignore-gate)" if g["ignore"] else "stopped the run"
+        print(f"{PREFIX} gate {what}: base-own-rope passkey at L0 {passkey:.2f} vs threshold {g['threshold']}",
+              flush=True)
+    return passed or bool(g["ignore"])
+
+
+def run_evals(plan: dict, rank: int, only_finished: bool = False) -> None:
     import torch.distributed as dist
 
     from .evaluate import evaluate_arm
 
     cfg = load_experiment(plan["experiment"])
     for ev in plan["evals"]:
+        if only_finished and not os.path.exists(f"{ev['stage_dir']}/DONE.json"):
+            continue
         if os.path.exists(ev["out"]):
             continue
         if rank == 0:
@@ -94,8 +127,12 @@ def main(argv=None) -> int:
 
     init_distributed_from_env()
     try:
-        run_stages(plan, dist.get_rank())
-        run_evals(plan, dist.get_rank())
+        rank, stages = dist.get_rank(), plan["stages"]
+        run_stages(dict(plan, stages=[s for s in stages if s["name"] == "base"]), rank)
+        go = run_gate(plan, rank)
+        if go:
+            run_stages(dict(plan, stages=[s for s in stages if s["name"] != "base"]), rank)
+        run_evals(plan, rank, only_finished=not go)
     finally:
         dist.destroy_process_group()
     return 0
