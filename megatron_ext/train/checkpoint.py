@@ -157,6 +157,37 @@ def _dp_cp_group():
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
+_MANAGERS = []  # keeps the results queue's manager alive for the process's lifetime
+
+
+def _die_with_parent() -> None:
+    """Runs in the manager process: Linux's PR_SET_PDEATHSIG, so it dies with its rank."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the manager outlives a killed rank, as in megatron-core
+
+
+def _results_queue_dies_with_rank() -> None:
+    """megatron-core collects the async writers' results in a queue served by a spawned
+    ``Manager`` process (``filesystem_async.py:51-56``) that outlives a rank killed with
+    SIGKILL, holding the job's stdout and memory. Create that queue first, from a manager
+    that dies with its rank."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fs
+
+    if fs._results_queue is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=_die_with_parent)
+        _MANAGERS.append(manager)
+        fs._results_queue = manager.Queue()
+
+
 class CheckpointSaver:
     """Writes ``save_dir/step-N``; with ``async_save`` the shards are written in the
     background and :meth:`finalize` completes them. Every method is collective."""
@@ -166,6 +197,7 @@ class CheckpointSaver:
 
         self.save_dir, self.keep_last, self.fmt = save_dir, keep_last, fmt
         self.queue = AsyncCallsQueue() if async_save else None
+        _results_queue_dies_with_rank()
         self.completed: List[str] = []  # folders completed since the last finalize()
         self.inflight: Optional[str] = None  # the final folder of the save not yet completed
 
