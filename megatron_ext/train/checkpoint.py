@@ -201,7 +201,7 @@ class CheckpointSaver:
         self.completed: List[str] = []  # folders completed since the last finalize()
         self.inflight: Optional[str] = None  # the final folder of the save not yet completed
 
-    def save(self, iteration: int, model, optimizer, scheduler, common: dict) -> str:
+    def save(self, iteration: int, model, optimizer, scheduler, common: dict, with_rng: bool = True) -> str:
         """Start (async) or do (sync) the save of ``iteration``; returns the final folder name.
         A save still in flight is finalized first: at most one is pending. A failed write
         raises CheckpointSaveError on every rank."""
@@ -218,17 +218,18 @@ class CheckpointSaver:
         dist.barrier()
         self.inflight = final
         with self._reporting():
-            self._start(iteration, partial_dir, final, model, optimizer, scheduler, common)
+            self._start(iteration, partial_dir, final, model, optimizer, scheduler, common, with_rng)
         return final
 
-    def _start(self, iteration, partial_dir, final, model, optimizer, scheduler, common) -> None:
+    def _start(self, iteration, partial_dir, final, model, optimizer, scheduler, common, with_rng) -> None:
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
         from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-        state = sharded_state(model, optimizer, is_loading=False, fmt=self.fmt, with_rng=optimizer is not None)
+        with_rng = with_rng and optimizer is not None  # this rank's RNG states, restored with the optimizer
+        state = sharded_state(model, optimizer, is_loading=False, fmt=self.fmt, with_rng=with_rng)
         state.update(common, format=FORMAT, iteration=iteration, layout=layout(), optimizer_format=self.fmt,
-                     rng_per_rank=optimizer is not None,
+                     rng_per_rank=with_rng,
                      scheduler=scheduler.state_dict() if scheduler is not None else None)
         strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_cp_group())
         request = dist_checkpointing.save(state, partial_dir, strategy, async_sharded_save=self.queue is not None)
