@@ -103,7 +103,7 @@ def test_disk_full_during_save_reports_and_keeps_the_previous_checkpoint(data, r
         save = str(mnt / "run")
         res = train(data, save, nproc=2, extra=RUN + [f"data.cache_dir={tmp_path / 'cache'}"])
         out = res.stdout + res.stderr
-        assert res.returncode == 3, out[-3000:]
+        assert res.returncode != 0, out[-3000:]  # run_stage returns 3; torchrun exits 1 for any failed worker
         assert f"train: checkpoint error: saving {save}/step-4 failed" in out and "No space left on device" in out, \
             out[-3000:]
         assert f"the newest complete checkpoint, {save}/step-2, is intact" in out

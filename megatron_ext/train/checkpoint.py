@@ -253,9 +253,11 @@ class CheckpointSaver:
     def _reporting(self):
         """Turn a failed save into CheckpointSaveError naming the folder and the checkpoint
         kept; rank 0 removes the failed ``.partial`` folder to free its space."""
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
         try:
             yield
-        except Exception as e:
+        except (Exception, CheckpointException) as e:
             final, self.inflight = self.inflight, None
             if final:
                 remove_partial(final)
