@@ -26,6 +26,22 @@ def synced_time(fn: Callable[[], object], reps: int, barrier: Callable[[], None]
     return min(times)
 
 
+def cuda_time(fn: Callable[[], object], reps: int = 10, warmup: int = 3) -> float:
+    """Median seconds of ``fn`` on the current CUDA stream, timed by CUDA events after
+    ``warmup`` untimed runs (the first calls pick kernels and fill caches)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def print_table(title: str, headers: Sequence[str], rows: List[Sequence[object]]) -> None:
     cells = [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
@@ -35,14 +51,15 @@ def print_table(title: str, headers: Sequence[str], rows: List[Sequence[object]]
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
-def write_json(name: str, data: Dict, merge: bool = False) -> str:
+def write_json(name: str, data: Dict, merge: bool = False, results_dir: str = RESULTS_DIR) -> str:
     """Write ``data`` with machine info to bench/results/NAME.json (atomically).
 
     With ``merge``, top-level keys of an existing file that ``data`` does not
     set are kept, so a run of some sections leaves the others' figures in place.
+    ``results_dir``: another folder than bench/results (tests).
     """
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f"{name}.json")
     old = {}
     if merge and os.path.exists(path):
         with open(path) as f:

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from .common import atomic_write
+from .quiet import add_output_flags, quiet_cli
 from .indexed import IndexError_, index_bytes, read_index
 from .validate import validate
 
@@ -42,10 +43,12 @@ def merge(inputs, output_prefix: str) -> dict:
 
 
 def main(argv=None) -> int:
+    quiet_cli(argv)
     ap = argparse.ArgumentParser(prog="python -m data_tools.merge", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", nargs="+", required=True)
     ap.add_argument("--output-prefix", required=True)
+    add_output_flags(ap)
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     try:

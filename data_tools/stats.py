@@ -10,6 +10,7 @@ import sys
 import numpy as np
 
 from .indexed import IndexError_, read_index
+from .quiet import add_output_flags, quiet_cli
 
 
 def stats(prefix: str, bins: int = 10) -> dict:
@@ -25,10 +26,12 @@ def stats(prefix: str, bins: int = 10) -> dict:
 
 
 def main(argv=None) -> int:
+    quiet_cli(argv)
     ap = argparse.ArgumentParser(prog="python -m data_tools.stats", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prefix")
     ap.add_argument("--bins", type=int, default=10)
+    add_output_flags(ap)
     args = ap.parse_args(argv)
     try:
         s = stats(args.prefix, args.bins)

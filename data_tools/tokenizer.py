@@ -15,6 +15,7 @@ import tempfile
 import time
 
 from .common import atomic_write, iter_texts, progress
+from .quiet import add_output_flags, quiet_cli
 
 UNK, BOS, EOS, PAD = 0, 1, 2, 3
 
@@ -53,6 +54,7 @@ def train(inputs, vocab_size: int, output_prefix: str, model_type: str = "bpe", 
 
 
 def main(argv=None) -> int:
+    quiet_cli(argv)
     ap = argparse.ArgumentParser(prog="python -m data_tools.tokenizer", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -63,6 +65,7 @@ def main(argv=None) -> int:
     t.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     t.add_argument("--json-key", default="text")
     t.add_argument("--sample-bytes", type=int, default=200_000_000, help="cap on training text (bytes)")
+    add_output_flags(t)
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     try:

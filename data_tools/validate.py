@@ -16,6 +16,7 @@ import sys
 import numpy as np
 
 from .common import load_tokenizer
+from .quiet import add_output_flags, quiet_cli
 from .indexed import IndexError_, read_index
 
 CHUNK_TOKENS = 1 << 24
@@ -57,10 +58,12 @@ def validate(prefix: str, vocab_size: int = None) -> dict:
 
 
 def main(argv=None) -> int:
+    quiet_cli(argv)
     ap = argparse.ArgumentParser(prog="python -m data_tools.validate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prefix", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
     ap.add_argument("--tokenizer-model", help="also check ids against this vocabulary: PATH.model (sentencepiece) or hf:DIR (a Hugging Face tokenizer.json)")
+    add_output_flags(ap)
     args = ap.parse_args(argv)
     try:
         vocab = load_tokenizer(args.tokenizer_model).vocab_size() if args.tokenizer_model else None

@@ -26,6 +26,8 @@ import time
 
 from data_tools.common import atomic_write
 
+from .cli import add_output_flags, quiet_cli
+
 ROOT = "runs/demo"
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "configs")
 
@@ -166,8 +168,10 @@ def report(stages, speed, seconds, eval_dir) -> None:
 
 
 def main(argv=None) -> int:
+    quiet_cli(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-exactness", action="store_true", help="skip step 1")
+    add_output_flags(ap)
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     os.makedirs(f"{ROOT}/data", exist_ok=True)

@@ -16,6 +16,7 @@ import sys
 import time
 
 from ..common import DataError, JsonlWriter, iter_texts, load_tokenizer, parse_int_list, progress
+from ..quiet import add_output_flags, quiet_cli
 from .cip import CipBuilder, CipConfig
 from .needle import needle_sample, parse_depths, read_haystack
 from .synl import QUESTION_TYPES, SynlConfig, synl_sample
@@ -67,7 +68,7 @@ def run_needle(args, out: JsonlWriter) -> str:
     with progress(total=len(lengths) * len(depths), unit="sample", desc=args.kind) as bar:
         for length in lengths:
             for depth in depths:
-                out.write(needle_sample(haystack, args.kind, length, depth, count, rng))
+                out.write(needle_sample(haystack, args.kind, length, depth, count, rng, fit_response=True))
                 bar.update(1)
     return f"{out.count} {args.kind} samples ({len(lengths)} lengths x {len(depths)} depths)"
 
@@ -81,6 +82,7 @@ def build_parser():
         p.add_argument("--output", required=True)
         p.add_argument("--tokenizer-model", required=True, help="PATH.model (sentencepiece) or hf:DIR (a Hugging Face tokenizer.json)")
         p.add_argument("--seed", type=int, default=0)
+        add_output_flags(p)
     cip, synl, needle = (sub.choices[n] for n in ("cip", "synl", "needle"))
     cip.add_argument("--input", nargs="+", required=True, help="JSONL source documents")
     cip.add_argument("--target-tokens", type=int, required=True)
@@ -102,6 +104,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    quiet_cli(argv)
     args = build_parser().parse_args(argv)
     t0 = time.monotonic()
     out = JsonlWriter(args.output)

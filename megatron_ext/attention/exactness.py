@@ -68,10 +68,11 @@ def make_inputs(case: Case):
     return [torch.randn(s, generator=g).to(dt) for s in (shape_q, shape_kv, shape_kv, shape_q)]
 
 
-def run_packed_case(rank: int, world_size: int, case: Case, mesh=None) -> dict:
+def run_packed_case(rank: int, world_size: int, case: Case, mesh=None, device: str = "cpu") -> dict:
     """Packed documents: errors at this rank's real (non-pad) rows against a float64
     causal reference run on each document alone. Pads hold random values (and zero
-    dout, as a masked loss gives them), so a pad leaking into a real row shows."""
+    dout, as a masked loss gives them), so a pad leaking into a real row shows.
+    ``device``: where the CP method runs (the reference stays on the CPU)."""
     cu = pad_packed_lengths(case.doc_lengths, world_size)
     full = Case(**{**asdict(case), "b": 1, "seq_len": int(cu[-1]), "doc_lengths": None})
     q, k, v, dout = make_inputs(full)
@@ -86,17 +87,19 @@ def run_packed_case(rank: int, world_size: int, case: Case, mesh=None) -> dict:
     ref_out[:, real] = torch.cat(outs, dim=1)
     (ref_out * dout.double()).sum().backward()
     shard = lambda t: shard_packed(t, 1, cu, rank, world_size)  # noqa: E731
-    mine = [shard(t).detach().clone().requires_grad_() for t in (q, k, v)]
+    mine = [shard(t).detach().clone().to(device).requires_grad_() for t in (q, k, v)]
     if case.method == "hybrid":
         out = hybrid_attention(*mine, mesh.ulysses_group, mesh.ring_group, cu_seqlens=cu)
     else:
         out = METHODS[case.method](*mine, None, cu_seqlens=cu)
-    out.backward(shard(dout))
+    out.backward(shard(dout).to(device))
     keep = shard_packed(is_real, 0, cu, rank, world_size)
     got = [out] + [t.grad for t in mine]
     want = [ref_out] + [t.grad for t in ref]
     names = ("out", "dq", "dk", "dv")
-    errs = {n: (g.double() - shard(w).detach())[:, keep].abs().max().item() for n, g, w in zip(names, got, want)}
+    errs = {n: (g.cpu().double() - shard(w).detach())[:, keep].abs().max().item()
+            for n, g, w in zip(names, got, want)}
+    errs.update({f"ref_max_{n}": shard(w).detach()[:, keep].abs().max().item() for n, w in zip(names, want)})
     errs["dtype_ok"] = all(g.dtype == DTYPES[case.dtype] for g in got)
     errs["shape_ok"] = out.shape == mine[0].shape
     return errs

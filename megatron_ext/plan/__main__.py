@@ -19,6 +19,8 @@ import tempfile
 
 import yaml
 
+from data_tools.quiet import add_output_flags, quiet_cli  # never imports megatron-core: no GPU notices to keep
+
 from .layouts import PlanError
 from .planner import best_line, config_layout, evaluate, explain, plan, shape_and_run, table
 from .time import GPUS, hardware
@@ -46,6 +48,7 @@ def _write_json(path: str, data) -> None:
 
 
 def main(argv=None) -> int:
+    quiet_cli(argv)
     ap = argparse.ArgumentParser(prog="python -m megatron_ext.plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML training config (model, seq_length, batch)")
@@ -59,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--top", type=int, default=15, help="rows of the ranked table")
     ap.add_argument("--json", default=None, help="write every evaluated layout here")
+    add_output_flags(ap)
     args = ap.parse_args(argv)
     try:
         return _run(args)

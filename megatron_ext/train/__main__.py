@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 import yaml
 
+from ..cli import add_output_flags, quiet_cli
 from .config import load_config, validate
 
 
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph_scope).*")
+    quiet_cli(argv)
     ap = argparse.ArgumentParser(prog="python -m megatron_ext.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML training config")
@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-broken", action="store_true",
                     help="resume from the previous complete checkpoint when the newest has a missing or truncated "
                          "file (checkpoint.skip_broken=true)")
+    add_output_flags(ap)
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set + (["checkpoint.skip_broken=true"] if args.skip_broken else []))

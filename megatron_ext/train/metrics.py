@@ -1,10 +1,9 @@
 """Rank 0's iteration line, wandb (offline unless WANDB_MODE says otherwise),
-optional TensorBoard, and a tqdm bar on a terminal."""
+and optional TensorBoard. No progress bar: the log keeps Megatron's line format."""
 from __future__ import annotations
 
 import json
 import os
-import sys
 
 from ..plan.model import flops_per_token  # noqa: F401  (the one formula; loop.py imports it from here)
 from ..sysinfo import peak_rss_bytes
@@ -16,7 +15,7 @@ class MetricsLogger:
 
     def __init__(self, cfg, rank: int, world: int, flops_token: float):
         self.cfg, self.rank, self.world, self.flops_token = cfg, rank, world, flops_token
-        self.wandb = self.tb = self.bar = None
+        self.wandb = self.tb = None
         if rank != 0:
             return
         os.makedirs(cfg.checkpoint.save_dir, exist_ok=True)
@@ -32,10 +31,6 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(cfg.checkpoint.save_dir, "tensorboard"))
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=cfg.optim.train_iters, desc=cfg.stage, unit="it")
 
     def info(self, text: str) -> None:
         if self.rank == 0:
@@ -60,8 +55,6 @@ class MetricsLogger:
         if self.tb:
             for k, v in rec.items():
                 self.tb.add_scalar(k, v, state.iteration)
-        if self.bar:
-            self.bar.update(1)
         if state.iteration % self.cfg.logging.log_interval == 0:
             print(f" [{self.cfg.stage}] iteration {state.iteration:6d}/{self.cfg.optim.train_iters} | consumed samples: "
                   f"{state.consumed_samples} | elapsed time per iteration (ms): {rec['ms_per_iter']:.1f} | tokens/s/rank: "
@@ -87,8 +80,6 @@ class MetricsLogger:
         if self.rank != 0:
             return
         self.jsonl.close()
-        if self.bar:
-            self.bar.close()
         if self.wandb:
             self.wandb.finish()
         if self.tb:

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..cli import add_output_flags, quiet_cli
 from ..megatron.batch import mask_document_ends
 
 
@@ -159,11 +160,13 @@ class PackedSftDataset(torch.utils.data.Dataset):
 
 
 def main(argv=None) -> int:
+    quiet_cli(argv)
     ap = argparse.ArgumentParser(prog="python -m megatron_ext.train.packing",
                                  description="Pack SFT examples and print the fill rate.")
     ap.add_argument("prefix", help="data prefix (without _text_document)")
     ap.add_argument("--seq-length", type=int, required=True)
     ap.add_argument("--drop-overlong", action="store_true")
+    add_output_flags(ap)
     args = ap.parse_args(argv)
     try:
         ds = PackedSftDataset(args.prefix, args.seq_length, drop_overlong=args.drop_overlong)

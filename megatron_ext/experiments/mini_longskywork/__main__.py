@@ -22,6 +22,8 @@ import time
 
 from data_tools.common import atomic_write
 
+from ...cli import add_output_flags, quiet_cli
+
 from . import data, report
 from .config import ExperimentConfig, toy_config
 from .stages import ALL_ARMS, ARMS, STAGES, TEMPLATE_ARMS, needed, write_configs
@@ -92,6 +94,7 @@ def run_worker(out: str, plan: dict, progress: Progress) -> None:
 
 
 def main(argv=None) -> int:
+    quiet_cli(argv)
     ap = argparse.ArgumentParser(prog="python -m megatron_ext.experiments.mini_longskywork", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", default="all", help=f"'all' ({', '.join(ARMS)}) or a comma list of those; "
@@ -99,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/mini", help="run folder (results.json, report.md, stages/, eval/)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out; finished work is skipped")
     ap.add_argument("--toy", action="store_true", help="toy sizes (the smoke test): 2 iterations a stage, one length")
+    add_output_flags(ap)
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     try:

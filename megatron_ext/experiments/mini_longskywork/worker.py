@@ -13,9 +13,10 @@ import argparse
 import json
 import os
 import time
-import warnings
 
 from data_tools.common import atomic_write
+
+from ...cli import add_output_flags, quiet_cli
 
 from .config import ExperimentConfig, StageSize
 
@@ -81,9 +82,10 @@ def run_evals(plan: dict, rank: int) -> None:
 
 
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph_scope).*")
+    quiet_cli(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", required=True, help="OUT/plan.json written by the orchestrator")
+    add_output_flags(ap)
     args = ap.parse_args(argv)
     plan = json.load(open(args.plan))
     import torch.distributed as dist
