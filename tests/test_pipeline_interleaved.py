@@ -15,7 +15,8 @@ from tests.test_train_core import CONFIG, _cfg
 
 # 4 layers, 4 micro-batches of 1 sample, fp32, constant learning rate (clipping on: the
 # grad norm spans both chunks of both stages); save at 2 to resume from there
-BASE = ["model.num_layers=4", "optim.global_batch_size=4", "optim.micro_batch_size=1", "optim.train_iters=4",
+BASE = ["model.num_layers=4", "checkpoint.format=fully_reshardable",  # resumed at other layouts
+        "optim.global_batch_size=4", "optim.micro_batch_size=1", "optim.train_iters=4",
         "optim.warmup_iters=0", "optim.lr=1e-3", "optim.min_lr=1e-3", "precision=fp32",
         "checkpoint.save_interval=2", "parallel.context_parallel_size=1",
         "data.split=90,10,0", "logging.eval_iters=1"]  # and a validation (forward-only schedule) at the end

@@ -94,7 +94,9 @@ PIPELINES = {"pp2_cp2": ["parallel.pipeline_model_parallel_size=2", "parallel.co
 
 
 def test_layouts_match_one_process_and_reshard_on_resume(data, tmp_path):
-    base = ["optim.train_iters=4", "checkpoint.save_interval=2"]
+    # fully_reshardable: these checkpoints resume at other TP/PP (dp_reshardable goes through
+    # megatron_ext.train.reshard: tests/test_checkpoint.py)
+    base = ["optim.train_iters=4", "checkpoint.save_interval=2", "checkpoint.format=fully_reshardable"]
     one = str(tmp_path / "one")
     res = train(data, one, nproc=1, extra=base + ["parallel.context_parallel_size=1"])
     assert res.returncode == 0, res.stderr[-3000:]

@@ -26,10 +26,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; needs no GPUs")
     ap.add_argument("--world-size", type=int, default=None, help="with --dry-run: the planned number of GPUs")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="with --dry-run: memory per GPU")
+    ap.add_argument("--skip-broken", action="store_true",
+                    help="resume from the previous complete checkpoint when the newest has a missing or truncated "
+                         "file (checkpoint.skip_broken=true)")
     add_output_flags(ap)
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, args.set + (["checkpoint.skip_broken=true"] if args.skip_broken else []))
         world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
         validate(cfg, world)
     except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
