@@ -126,6 +126,11 @@ def checkpoint_host_memory(shape: ModelShape, run: RunShape, lay: Layout, fmt: s
                           write_gib_s, per_node)
 
 
+def config_format(cfg) -> str:
+    """The config's ``checkpoint.format``; a trainer without the key saves fully_reshardable."""
+    return getattr(cfg.checkpoint, "format", "fully_reshardable")
+
+
 def host_memory_lines(shape: ModelShape, run: RunShape, lay: Layout, gpus_per_node: int, current: str,
                       write_gib_s: float = DEFAULT_WRITE_GIB_S, limit_tib: float = 1.0) -> List[str]:
     """The report's lines, one per format (``current``: the config's, marked); the first is

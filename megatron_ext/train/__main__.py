@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="validate and print the plan; needs no GPUs")
     ap.add_argument("--world-size", type=int, default=None, help="with --dry-run: the planned number of GPUs")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="with --dry-run: memory per GPU")
+    ap.add_argument("--ckpt-write-gib-s", type=float, default=None,
+                    help="with --dry-run: checkpoint write bandwidth per node, GiB/s (planned save time)")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -37,7 +39,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         from .dryrun import dry_run
 
-        report, fits = dry_run(cfg, world, gpu_memory_gib=args.gpu_memory_gib)
+        from ..plan.host_memory import DEFAULT_WRITE_GIB_S
+
+        report, fits = dry_run(cfg, world, gpu_memory_gib=args.gpu_memory_gib,
+                               ckpt_write_gib_s=args.ckpt_write_gib_s or DEFAULT_WRITE_GIB_S)
         print(report)
         return 0 if fits else 1
     return _run(cfg)
