@@ -5,9 +5,10 @@ host-memory model (megatron_ext.plan.host_memory), on CPU gloo ranks.
 
 Each case builds a small GPT with the trainer's own functions (bench.plan_vs_measured's
 trainer: init_model_parallel, build_model, wrap_model, build_optimizer), takes one
-training step (so Adam's exp_avg / exp_avg_sq exist), then saves with ``Trainer.save``
-(train/checkpoint.py) and loads the result back with ``checkpoint.load`` into the same
-model and optimizer, as ``Trainer.restore`` does.
+training step (so Adam's exp_avg / exp_avg_sq exist), then saves synchronously with
+``checkpoint.save`` (train/checkpoint.py, the trainer's save without its async queue) and
+loads the result back with ``checkpoint.load`` into the same model and optimizer, as
+``Trainer.restore`` does.
 
 Measured: the kernel's resident-set high-water mark. Before each save and each load a
 rank writes ``5`` to ``/proc/self/clear_refs`` (Linux: resets VmHWM to the current
@@ -18,7 +19,8 @@ added at its peak, with no sampling gap. glibc's mmap threshold is pinned
 long-running job's allocator would. On CPU every tensor already lives in host memory,
 so the bench measures the checkpoint's own buffers (gathers, copies, read buffers);
 the device-to-host staging a GPU run adds is modelled, not measured (see
-docs/checkpoint-memory.md). Target: the model within 20 % of the fullest rank.
+docs/checkpoint-memory.md). Target: the model within 20 % of the fullest rank and of
+the node (all ranks of a case are one node).
 """
 from __future__ import annotations
 
@@ -80,8 +82,6 @@ def train_config(case: Case, fmt: str, save_dir: str):
     elif fmt != "fully_reshardable":
         raise ValueError(f"checkpoint format {fmt!r}: this checkout has no checkpoint.format key "
                          f"(only fully_reshardable); formats available: {available_formats()}")
-    if "async_save" in fields:
-        ckpt["async_save"] = False  # the async writer's process is not this rank's RSS: measure the sync path
     return TrainConfig(
         parallel=ParallelConfig(tensor_model_parallel_size=case.tp, sequence_parallel=False,
                                 pipeline_model_parallel_size=case.pp, context_parallel_size=case.cp,
@@ -113,6 +113,19 @@ def peak_added(fn) -> tuple:
     return out, _status("VmHWM") - before
 
 
+def _save(trainer, fmt: str, save_dir: str) -> str:
+    """``checkpoint.save`` of the trainer's model, optimizer and scheduler as step 1 in ``fmt``."""
+    import inspect
+
+    from megatron_ext.train import checkpoint as ckpt
+    from megatron_ext.train.config import to_dict
+
+    common = {"consumed_samples": 0, "skipped_iterations": 0, "config": to_dict(trainer.cfg),
+              "vocab_size": trainer.vocab_size}
+    extra = {"fmt": fmt} if "fmt" in inspect.signature(ckpt.save).parameters else {}
+    return ckpt.save(save_dir, 1, trainer.model, trainer.optimizer, trainer.scheduler, common, 0, **extra)
+
+
 def _worker(rank, world_size, case: Case, fmt: str, save_dir: str):
     import torch
     import torch.distributed as dist
@@ -126,9 +139,8 @@ def _worker(rank, world_size, case: Case, fmt: str, save_dir: str):
              "position_ids": torch.arange(SEQ)[None]}
     trainer = _trainer(train_config(case, fmt, save_dir), VOCAB)
     trainer.step([batch] * (trainer.sizes["grad_accum"]))
-    trainer.state.iteration = 1
     dist.barrier()
-    path, save_peak = peak_added(trainer.save)
+    path, save_peak = peak_added(lambda: _save(trainer, fmt, save_dir))
     dist.barrier()
     _, load_peak = peak_added(lambda: ckpt.load(path, trainer.model, trainer.optimizer, trainer.scheduler))
     trainer.ps.destroy_model_parallel()
@@ -172,15 +184,19 @@ def main(argv=None):
             ranks, pred = measure(case, fmt), predicted(case, fmt)
             entry = {"ranks": ranks, "predicted": pred, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
             for op in ("save", "load"):
-                meas = max(r[f"{op}_bytes"] for r in ranks)
+                meas, node = max(r[f"{op}_bytes"] for r in ranks), sum(r[f"{op}_bytes"] for r in ranks)
                 err = pred[f"{op}_rank_bytes"] / meas - 1
                 entry[f"{op}_rel_err"] = err
+                entry[f"{op}_node_rel_err"] = pred[f"{op}_node_bytes"] / node - 1
                 rows.append([fmt, case.name, op, pred[f"{op}_rank_bytes"] / 2 ** 20, meas / 2 ** 20,
-                             " ".join(f"{r[f'{op}_bytes'] / 2 ** 20:.0f}" for r in ranks), f"{100 * err:+.1f}%"])
+                             " ".join(f"{r[f'{op}_bytes'] / 2 ** 20:.0f}" for r in ranks), f"{100 * err:+.1f}%",
+                             pred[f"{op}_node_bytes"] / 2 ** 20, node / 2 ** 20,
+                             f"{100 * entry[f'{op}_node_rel_err']:+.1f}%"])
             report[f"{fmt}/{case.name}"] = entry
     print_table(f"Host memory added by a checkpoint, fullest rank: planner vs VmHWM (trainer-built, fp32, CPU gloo, "
                 f"{MODEL}, vocab {VOCAB}); target |err| <= 20%",
-                ["format", "layout", "op", "predicted MiB", "measured MiB", "per rank MiB", "err"], rows)
+                ["format", "layout", "op", "predicted MiB", "measured MiB", "per rank MiB", "err",
+                 "node predicted MiB", "node measured MiB", "node err"], rows)
     print(f"bench: wrote {write_json('checkpoint_memory', report, merge=True)}")
     return report
 
