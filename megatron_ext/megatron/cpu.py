@@ -39,6 +39,13 @@ nothing.
    moves the shared weight with ``.cuda()`` before all-reducing it over the embedding group
    (``language_module.py:244``); inside exactly that method ``Tensor.cuda()`` keeps a CPU
    tensor where it is.
+10. dist_checkpointing's fully parallel load and asynchronous save: the loaded shards are
+   exchanged on "cuda" (``exchange_utils.py:98-110,326,336,499``: ``init_data("cuda")``,
+   ``empty(device="cuda")``, ``.cuda()``), the wrappers synchronise
+   (``fully_parallel.py:272,281``) and the async queue all-reduces its done flags on
+   ``current_device()`` (``async_utils.py:165,212,604``). Those modules see the CPU
+   ``torch`` of patch 6, and inside exactly ``exchange_by_distribution`` ``Tensor.cuda()``
+   keeps a CPU tensor and ``ShardedTensor.init_data("cuda")`` allocates on the CPU.
 """
 from __future__ import annotations
 
@@ -249,8 +256,40 @@ def _patch_device_factories():
                  "megatron.core.optimizer.distrib_optimizer", "megatron.core.pipeline_parallel.schedules",
                  "megatron.core.pipeline_parallel.p2p_communication",
                  "megatron.core.dist_checkpointing.strategies.filesystem_async",
-                 "megatron.core.dist_checkpointing.strategies.state_dict_saver"):
+                 "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+                 "megatron.core.dist_checkpointing.strategies.fully_parallel",
+                 "megatron.core.dist_checkpointing.strategies.async_utils",
+                 "megatron.core.dist_checkpointing.exchange_utils"):
         _target(name, "torch").torch = _CpuTorch("torch")
+
+
+@contextlib.contextmanager
+def _sharded_init_on_cpu():
+    """While active, ``ShardedTensor.init_data`` puts a "cuda" allocation on the CPU."""
+    mapping = _target("megatron.core.dist_checkpointing.mapping", "ShardedTensor")
+    original = mapping.ShardedTensor.init_data
+
+    def init_data(self, device, init_fn=torch.empty):
+        return original(self, _cpu_device(device), init_fn)
+
+    mapping.ShardedTensor.init_data = init_data
+    try:
+        yield
+    finally:
+        mapping.ShardedTensor.init_data = original
+
+
+def _patch_fully_parallel_exchange():
+    exchange = _target("megatron.core.dist_checkpointing.exchange_utils", "exchange_by_distribution")
+    fully_parallel = _target("megatron.core.dist_checkpointing.strategies.fully_parallel", "exchange_by_distribution")
+    original = exchange.exchange_by_distribution
+
+    def exchange_by_distribution(*args, **kwargs):
+        with _cuda_is_cpu(), _sharded_init_on_cpu():
+            return original(*args, **kwargs)
+
+    exchange_by_distribution.__wrapped__ = original
+    exchange.exchange_by_distribution = fully_parallel.exchange_by_distribution = exchange_by_distribution
 
 
 def _patch_type_names():
@@ -299,7 +338,7 @@ def enable_cpu_runtime() -> bool:
     if not _APPLIED:
         for patch in (_patch_rng_tracker, _patch_current_device, _patch_causal_mask, _patch_cp_rope_slicing,
                       _patch_recompute_rng_state, _patch_device_factories, _patch_type_names,
-                      _patch_tied_embedding_setup):
+                      _patch_tied_embedding_setup, _patch_fully_parallel_exchange):
             patch()
         _APPLIED.append(True)
     return True

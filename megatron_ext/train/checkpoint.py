@@ -1,40 +1,54 @@
 """Checkpoints through megatron-core's ``dist_checkpointing`` (``torch_dist`` format).
 
 ``save_dir/step-N`` holds the model's ``sharded_state_dict`` (TP shards as global
-tensors), the optimizer (the distributed optimizer with ``fully_reshardable``
-sharding), and common entries rank 0 writes: iteration, consumed samples, the
-scheduler, the config and the RNG state. A checkpoint saved at one (TP, PP, CP, DP)
-layout loads at any other. With an interleaved pipeline each model chunk's state
-sits under ``model0`` .. ``modelN`` (as Megatron-LM saves it), else under ``model``;
-the sharded keys number the layers globally, so chunks load at any PP x VP.
+tensors), the distributed optimizer in ``checkpoint.format`` (see
+:mod:`.checkpoint_state`), every rank's RNG states, and common entries rank 0 writes:
+iteration, consumed samples, the scheduler, the config and the layout. With an
+interleaved pipeline each model chunk's state sits under ``model0`` .. ``modelN`` (as
+Megatron-LM saves it), else under ``model``. Every rank writes and reads its own part
+(megatron-core's ``FullyParallelSaveStrategyWrapper`` / ``FullyParallelLoadStrategyWrapper``
+over the DP x CP group), and with ``checkpoint.async_save`` the files are written by a
+forked process (megatron-core's ``AsyncCallsQueue``) while training goes on.
 
-A save goes to ``step-N.partial``; once every rank finished, rank 0 writes
-``COMPLETE`` into it and renames it to ``step-N``, so a folder named ``step-N``
-is always complete and a complete folder is never overwritten or deleted,
-except by the ``keep_last`` rotation.
+A save goes to ``step-N.partial``. Only after every rank's write has finished (the
+async request's finalize step, on every rank) does rank 0 write ``COMPLETE`` into it and
+rename it to ``step-N``; so a folder named ``step-N`` is always complete, a crash
+mid-save leaves only a ``.partial`` folder that resume ignores, and a complete folder
+is never overwritten or deleted, except by the ``keep_last`` rotation.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
-from typing import Optional
+from functools import partial
+from typing import Callable, List, Optional
 
-import torch
 import torch.distributed as dist
 
 from data_tools.common import atomic_write
 
+from .checkpoint_state import RNG_KEY, chunks_of, layout, layout_mismatch, load_optimizer, model_keys, \
+    set_rng_states, sharded_state
+
 MARKER = "COMPLETE"
 FORMAT = "megatron_ext/torch_dist/1"
 _STEP = re.compile(r"^step-(\d+)$")
-# fully_reshardable: a canonical per-parameter optimizer state that loads at any TP/DP x CP;
-# mem_efficient gathers over gloo, without .cuda() copies (distrib_optimizer.py:1443)
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
-                      "distrib_optim_fully_reshardable_mem_efficient": True}
+# files every complete torch_dist folder has besides the shards the metadata lists
+_REQUIRED = (MARKER, "metadata.json", "common.pt", ".metadata")
 # model fields a checkpoint must agree with (the vocabulary is checked separately)
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "swiglu", "normalization", "add_bias_linear", "untie_embeddings")
+
+
+class BrokenCheckpointError(RuntimeError):
+    """A complete-looking checkpoint folder with a missing or truncated file."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank (disk full, ...); its ``.partial`` folder was removed and
+    the previous complete checkpoint is untouched."""
 
 
 def complete_steps(save_dir: str):
@@ -57,15 +71,61 @@ def latest_checkpoint(path: str) -> Optional[str]:
     return os.path.join(path, f"step-{steps[-1]}") if steps else None
 
 
+def verify(path: str) -> None:
+    """Check complete folder ``path`` without reading tensors: the marker, megatron-core's
+    and torch's metadata, and every shard file the metadata lists, at least as long as
+    the bytes it needs. Raises BrokenCheckpointError naming the first bad file."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    for name in _REQUIRED:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise BrokenCheckpointError(f"{os.path.join(path, name)}: missing (a complete checkpoint has it)")
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as e:  # a truncated pickle raises one of several types
+        raise BrokenCheckpointError(f"{os.path.join(path, '.metadata')}: unreadable ({type(e).__name__}: {e})") from e
+    need = {}
+    for info in metadata.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(need.items()):
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            raise BrokenCheckpointError(f"{file}: shard file missing (listed in {path}/.metadata)")
+        have = os.path.getsize(file)
+        if have < size:
+            raise BrokenCheckpointError(f"{file}: truncated shard file: {have} bytes, the metadata needs {size}")
+
+
+def resume_path(save_dir: str, skip_broken: bool, note: Callable[[str], None] = print) -> Optional[str]:
+    """The newest complete checkpoint under ``save_dir`` that :func:`verify` accepts, or None.
+    A broken newest one raises, unless ``skip_broken``: then it is named through ``note``
+    and the previous complete one is tried. File reads only (no collective)."""
+    for step in reversed(complete_steps(save_dir)):
+        path = os.path.join(save_dir, f"step-{step}")
+        try:
+            verify(path)
+            read_common(path)
+            return path
+        except (BrokenCheckpointError, OSError, EOFError, RuntimeError) as e:
+            if not skip_broken:
+                raise BrokenCheckpointError(f"{e}. Restore the file, or set checkpoint.skip_broken=true "
+                                            f"(--skip-broken) to resume from the previous complete checkpoint") from e
+            note(f"skipping broken checkpoint {path}: {e}")
+    return None
+
+
 def read_common(path: str) -> dict:
     """The common (non-sharded) entries of complete checkpoint ``path``: iteration,
-    consumed_samples, config, vocab_size, ... Reads files only (no collective), so
-    every rank can check a checkpoint before the first collective."""
+    consumed_samples, config, vocab_size, layout, optimizer_format ... Reads files only
+    (no collective), so every rank can check a checkpoint before the first collective."""
     from megatron.core import dist_checkpointing
 
     if not os.path.exists(os.path.join(path, MARKER)):
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
-    common = dist_checkpointing.load_common_state_dict(path)
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as e:
+        raise BrokenCheckpointError(f"{os.path.join(path, 'common.pt')}: unreadable ({type(e).__name__}: {e})") from e
     if common.get("format") != FORMAT:
         raise ValueError(f"{path}: not a megatron_ext {FORMAT} checkpoint (format {common.get('format')!r}); "
                          f"checkpoints from before the dist_checkpointing trainer cannot be loaded")
@@ -91,124 +151,171 @@ def check_compatible(path: str, common: dict, model_cfg, vocab_size: int) -> Non
         raise ValueError(f"{path}: checkpoint of another model shape: " + "; ".join(wrong))
 
 
-def _chunks(model) -> list:
-    """The bare GPTModels of ``model``: one module (DDP-wrapped or bare) or a list of chunks."""
-    from .model import unwrap
+def _dp_cp_group():
+    from megatron.core import parallel_state
 
-    return unwrap(list(model) if isinstance(model, (list, tuple)) else [model])
-
-
-def _model_keys(chunks) -> list:
-    """State dict keys of the chunks: ``model`` alone, ``model0`` .. ``modelN`` interleaved."""
-    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict:
-    chunks = _chunks(model)
-    # GPTModel names, as Megatron-LM saves them
-    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(chunks), chunks)}
-    if optimizer is not None:
-        if is_loading:
-            _init_optimizer_state(optimizer)
-        # the optimizer finds its params' sharded tensors anywhere in the model states
-        model_sd = state["model"] if len(chunks) == 1 else dict(state)
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                          metadata=OPTIMIZER_METADATA)
-    return state
+class CheckpointSaver:
+    """Writes ``save_dir/step-N``; with ``async_save`` the shards are written in the
+    background and :meth:`finalize` completes them. Every method is collective."""
+
+    def __init__(self, save_dir: str, keep_last: int, fmt: str = "dp_reshardable", async_save: bool = False):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.save_dir, self.keep_last, self.fmt = save_dir, keep_last, fmt
+        self.queue = AsyncCallsQueue() if async_save else None
+        self.completed: List[str] = []  # folders completed since the last finalize()
+        self.inflight: Optional[str] = None  # the final folder of the save not yet completed
+
+    def save(self, iteration: int, model, optimizer, scheduler, common: dict) -> str:
+        """Start (async) or do (sync) the save of ``iteration``; returns the final folder name.
+        A save still in flight is finalized first: at most one is pending. A failed write
+        raises CheckpointSaveError on every rank."""
+        if self.queue is not None and self.queue.get_num_unfinalized_calls():
+            with self._reporting():
+                self.queue.maybe_finalize_async_calls(blocking=True)  # reported by the next finalize()
+        final = os.path.join(self.save_dir, f"step-{iteration}")
+        if os.path.exists(os.path.join(final, MARKER)):
+            return final  # this step is saved already; a complete folder is never rewritten
+        partial_dir = final + ".partial"
+        if dist.get_rank() == 0:
+            self._remove_leftovers(final)
+            os.makedirs(partial_dir)
+        dist.barrier()
+        self.inflight = final
+        with self._reporting():
+            self._start(iteration, partial_dir, final, model, optimizer, scheduler, common)
+        return final
+
+    def _start(self, iteration, partial_dir, final, model, optimizer, scheduler, common) -> None:
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+        state = sharded_state(model, optimizer, is_loading=False, fmt=self.fmt, with_rng=optimizer is not None)
+        state.update(common, format=FORMAT, iteration=iteration, layout=layout(), optimizer_format=self.fmt,
+                     rng_per_rank=optimizer is not None,
+                     scheduler=scheduler.state_dict() if scheduler is not None else None)
+        strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_cp_group())
+        request = dist_checkpointing.save(state, partial_dir, strategy, async_sharded_save=self.queue is not None)
+        complete = partial(self._complete, partial_dir, final, iteration)
+        if self.queue is None:
+            complete()
+        else:
+            request.add_finalize_fn(complete)
+            self.queue.schedule_async_request(request)
+
+    def finalize(self, blocking: bool = False) -> List[str]:
+        """Complete the saves whose writes finished on every rank (all of them when
+        ``blocking``); returns their folders. A failed write raises on every rank."""
+        if self.queue is not None and self.queue.get_num_unfinalized_calls():
+            with self._reporting():
+                self.queue.maybe_finalize_async_calls(blocking=blocking)
+        done, self.completed = self.completed, []
+        return done
+
+    @contextlib.contextmanager
+    def _reporting(self):
+        """Turn a failed save into CheckpointSaveError naming the folder and the checkpoint
+        kept; rank 0 removes the failed ``.partial`` folder to free its space."""
+        try:
+            yield
+        except Exception as e:
+            final, self.inflight = self.inflight, None
+            if final:
+                remove_partial(final)
+            kept = latest_checkpoint(self.save_dir)
+            raise CheckpointSaveError(f"saving {final} failed ({type(e).__name__}: {e}); its partial folder was "
+                                      f"removed; the newest complete checkpoint, {kept or 'none'}, is intact") from e
+
+    def pending(self) -> bool:
+        """Whether an async save is still being written."""
+        return self.queue is not None and self.queue.get_num_unfinalized_calls() > 0
+
+    def abort(self) -> None:
+        """Stop a background write (its ``.partial`` folder stays, and is never resumed from)."""
+        if self.queue is not None:
+            self.queue.close(abort=True)
+
+    def _remove_leftovers(self, final: str) -> None:
+        """Rank 0, before a save: ``.partial`` folders of earlier attempts (no save of this
+        job is in flight now) and an incomplete ``step-N`` of this step."""
+        for name in os.listdir(self.save_dir) if os.path.isdir(self.save_dir) else []:
+            if name.endswith(".partial") and _STEP.match(name[:-len(".partial")]):
+                shutil.rmtree(os.path.join(self.save_dir, name), ignore_errors=True)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+
+    def _complete(self, partial_dir: str, final: str, iteration: int) -> None:
+        """After every rank's write: marker, atomic rename, rotation (rank 0), then a barrier."""
+        dist.barrier()
+        if dist.get_rank() == 0:
+            atomic_write(os.path.join(partial_dir, MARKER), f"{iteration}\n".encode())
+            os.replace(partial_dir, final)
+            for old in complete_steps(self.save_dir)[:-self.keep_last] if self.keep_last > 0 else []:
+                shutil.rmtree(os.path.join(self.save_dir, f"step-{old}"), ignore_errors=True)
+        dist.barrier()
+        self.completed.append(final)
+        self.inflight = None
 
 
-def _init_optimizer_state(optimizer) -> None:
-    """A fresh torch Adam has no ``step``/``exp_avg`` entries to load into: create them
-    with a zero-grad step (megatron-core's own helper where it has one); the load
-    then overwrites parameters and states."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
-            opt._init_optimizer_states_with_dummy_values()
-            continue
-        inner = opt.optimizer
-        for group in inner.param_groups:
-            for p in group["params"]:
-                p.grad = torch.zeros_like(p)
-        inner.step()
-        inner.zero_grad()
-
-
-def save(save_dir: str, iteration: int, model, optimizer, scheduler, common: dict, keep_last: int) -> str:
-    """Save ``model`` (DDP-wrapped or bare GPTModel, or a list of model chunks) and, if
-    given, the optimizer and scheduler as ``save_dir/step-{iteration}``; returns the
-    folder. Collective: every rank calls."""
-    from megatron.core import dist_checkpointing
-
-    final = os.path.join(save_dir, f"step-{iteration}")
-    if os.path.exists(os.path.join(final, MARKER)):
-        return final  # this step is saved already; a complete folder is never rewritten
-    partial = final + ".partial"
+def remove_partial(final: str) -> None:
+    """Rank 0: delete the ``.partial`` folder of a failed save of ``final`` (frees the space)."""
     if dist.get_rank() == 0:
-        for stale in (partial, final):  # an earlier attempt that never completed
-            if os.path.exists(stale):
-                shutil.rmtree(stale)
-        os.makedirs(partial)
-    dist.barrier()
-    state = _sharded_state(model, optimizer, is_loading=False)
-    state.update(common, format=FORMAT, iteration=iteration, rng=torch.get_rng_state(),
-                 scheduler=scheduler.state_dict() if scheduler is not None else None)
-    dist_checkpointing.save(state, partial)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        atomic_write(os.path.join(partial, MARKER), f"{iteration}\n".encode())
-        os.replace(partial, final)
-        for old in complete_steps(save_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(os.path.join(save_dir, f"step-{old}"), ignore_errors=True)
-    dist.barrier()
-    return final
+        shutil.rmtree(final + ".partial", ignore_errors=True)
+
+
+def save(save_dir: str, iteration: int, model, optimizer, scheduler, common: dict, keep_last: int,
+         fmt: str = "dp_reshardable") -> str:
+    """Synchronous save of ``model`` (DDP-wrapped or bare GPTModel, or a list of model
+    chunks) and, if given, the optimizer and scheduler as ``save_dir/step-{iteration}``;
+    returns the folder. Collective: every rank calls."""
+    return CheckpointSaver(save_dir, keep_last, fmt).save(iteration, model, optimizer, scheduler, common)
 
 
 def load(path: str, model, optimizer=None, scheduler=None) -> dict:
     """Load complete checkpoint ``path`` into ``model`` (a module or a list of model chunks;
-    and the optimizer/scheduler when given) at this run's layout; returns the common
-    entries. Collective."""
+    and the optimizer, scheduler and this rank's RNG states when an optimizer is given)
+    at this run's layout; returns the common entries (``rng_restored`` says whether the
+    per-rank RNG states were restored: only at the layout they were saved at). Collective."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 
     common = read_common(path)
-    state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), path)
-    chunks = _chunks(model)
-    for key, chunk in zip(_model_keys(chunks), chunks):
+    fmt = common.get("optimizer_format", "fully_reshardable")  # checkpoints before checkpoint.format
+    if optimizer is not None:
+        why = layout_mismatch(common.get("layout"), fmt)
+        if why:
+            now = layout()
+            raise ValueError(f"{path}: the optimizer state is dp_reshardable, which loads only at the TP, PP and VP "
+                             f"it was saved at ({why}). Rewrite it for this layout first: python -m "
+                             f"megatron_ext.train.reshard --checkpoint {path} --to-layout tp={now['tp']},"
+                             f"pp={now['pp']},cp={now['cp']},dp={now['dp']}")
+    # per-rank RNG states belong to their rank's place in the layout: restored only at that layout
+    with_rng = optimizer is not None and common.get("rng_per_rank", False) and common.get("layout") == layout()
+    state = sharded_state(model, optimizer, is_loading=True, fmt=fmt, with_rng=with_rng)
+    strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), _dp_cp_group())
+    state = dist_checkpointing.load(state, path, strategy)
+    chunks = chunks_of(model)
+    for key, chunk in zip(model_keys(chunks), chunks):
         chunk.load_state_dict(state[key], strict=True)
     if optimizer is not None:
-        _load_optimizer(optimizer, state["optimizer"])
+        load_optimizer(optimizer, state["optimizer"])
         if scheduler is not None and common.get("scheduler") is not None:
             scheduler.load_state_dict(common["scheduler"])
-        torch.set_rng_state(common["rng"])
-    return common
-
-
-def _load_optimizer(optimizer, state: dict) -> None:
-    """``optimizer.load_state_dict``, with two megatron-core 0.16 defects of the torch-AdamW
-    path (no TE/apex) worked around: ``load_state_dict`` puts ONE ``step`` tensor into
-    every parameter's state (distrib_optimizer.py:818-825), which AdamW then increments
-    in place once per parameter, so the resumed bias correction is wrong; and the
-    fully-reshardable parameter load copies *every* state key from the checkpoint, which
-    holds no per-parameter ``step`` (KeyError 'step', distrib_optimizer.py:940). So the
-    parameter state is loaded with ``step`` set aside, and each parameter gets its own copy."""
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
-    inner = chained[0]
-    param_state = state.get("param_state") if len(chained) == 1 else None
-    if param_state is None or state.get("param_state_sharding_type") != "fully_reshardable":
-        optimizer.load_state_dict(state)
-        return
-    rest = {k: v for k, v in state.items() if k not in ("param_state", "param_state_sharding_type")}
-    inner.load_state_dict(rest)
-    steps = {p: st.pop("step") for p, st in inner.optimizer.state.items() if "step" in st}
-    inner.load_parameter_state_from_fully_reshardable(param_state)
-    for p, step in steps.items():
-        inner.optimizer.state[p]["step"] = step.detach().clone()
+        if with_rng:
+            set_rng_states(state[RNG_KEY])
+    return {**common, "rng_restored": with_rng}
 
 
 def save_model_checkpoint(save_dir: str, iteration: int, model, config: dict) -> str:
     """Weights-only checkpoint ``save_dir/step-N`` of ``model`` (e.g. an imported Hugging
     Face model) with its TrainConfig dict; training starts from it with
     ``checkpoint.init_from``. Needs torch.distributed and parallel_state initialised."""
-    vocab = _chunks(model)[0].vocab_size
+    vocab = chunks_of(model)[0].vocab_size
     common = {"config": config, "vocab_size": vocab, "consumed_samples": 0, "skipped_iterations": 0}
     return save(save_dir, iteration, model, None, None, common, keep_last=0)
 

@@ -145,6 +145,18 @@ class CheckpointConfig:
     """Complete checkpoints kept."""
     init_from: str = ""
     """A previous stage's save_dir (or step folder): load the weights only, start at iteration 0."""
+    # -- format, asynchronous save and recovery (docs/checkpoints.md; the planner's save-time and
+    # host-memory model reads format and async_save) --
+    format: str = "dp_reshardable"
+    """Distributed-optimizer state layout: dp_reshardable (each rank writes its own bucket slice; loads at
+    any DP x CP, at the saved TP/PP/VP only; `python -m megatron_ext.train.reshard` rewrites it for another
+    layout) or fully_reshardable (per-parameter, loads at any layout; DP rank 0 gathers its TP shard)."""
+    async_save: bool = True
+    """Write the shards from a forked process while training goes on (megatron-core's AsyncCallsQueue);
+    the COMPLETE marker and the rename follow once every rank's write finished."""
+    skip_broken: bool = False
+    """On resume, a newest complete checkpoint with a missing or truncated file is skipped (and named)
+    for the previous complete one, instead of stopping with an error that names the file."""
 
 
 @dataclass
@@ -356,6 +368,8 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
                          f"micro-batches per step, optim.global_batch_size / (optim.micro_batch_size x DP) = "
                          f"{cfg.optim.global_batch_size} / {per_step} = {grad_accum}, to be a multiple of "
                          f"parallel.pipeline_model_parallel_size {pp}")
+    if cfg.checkpoint.format not in ("dp_reshardable", "fully_reshardable"):
+        raise ValueError(f"checkpoint.format {cfg.checkpoint.format!r} is not dp_reshardable or fully_reshardable")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision {cfg.precision!r} is not auto, fp32 or bf16")
     mode = packing_mode(cfg)

@@ -57,23 +57,42 @@ class Trainer:
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
         self.state = RunState()
+        c = cfg.checkpoint
+        self.saver = ckpt.CheckpointSaver(c.save_dir, c.keep_last, c.format, c.async_save)
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, *_):
-        self.stop_requested = True  # acted on at the end of the current iteration, by every rank together
+        self.stop_requested = True  # acted on between micro-batches (PP = 1) or iterations, by every rank together
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (collective, over the world)."""
+        stop = collective_tensor([float(self.stop_requested)], torch.float32)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        return bool(stop.item())
+
+    def _checking_stop(self, shards):
+        """Yield the micro-batches; before each one after the first, every rank agrees on the
+        stop flag and a stop abandons the iteration (StopRequested), so the last completed
+        iteration is saved. Only without a pipeline: an all-reduce inside 1F1B would wait
+        on a stage that waits on this one's activations."""
+        for k, shard in enumerate(shards):
+            if k and self._stop_agreed():
+                raise StopRequested(f"stop requested before micro-batch {k + 1}/{len(shards)}")
+            yield shard
 
     # -- checkpoints ------------------------------------------------------------------------
     def restore(self) -> str:
         """Resume from save_dir's newest complete checkpoint, else start from init_from's weights.
         Every rank reads and checks the checkpoint's shape before any collective."""
         c = self.cfg.checkpoint
-        path = ckpt.latest_checkpoint(c.save_dir)
+        path = ckpt.resume_path(c.save_dir, c.skip_broken, note=self._note)
         if path:
             ckpt.check_compatible(path, ckpt.read_common(path), self.cfg.model, self.vocab_size)
             extra = ckpt.load(path, self.model, self.optimizer, self.scheduler)
             self.state = RunState(extra["iteration"], extra["consumed_samples"], extra["skipped_iterations"])
-            return f"resumed from {path} at iteration {self.state.iteration}"
+            rng = "" if extra["rng_restored"] else " (RNG states not restored: saved at another layout)"
+            return f"resumed from {path} at iteration {self.state.iteration}{rng}"
         if c.init_from:
             src = ckpt.latest_checkpoint(c.init_from)
             if not src:
@@ -83,6 +102,10 @@ class Trainer:
             self._reload_main_params()
             return f"initialised weights from {src}"
         return "starting from scratch"
+
+    def _note(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"[{self.cfg.stage}] {text}", flush=True)
 
     def _reload_main_params(self) -> None:
         """After loading weights alone, the optimizer's fp32 main params must follow them."""
@@ -95,9 +118,7 @@ class Trainer:
                   "skipped_iterations": self.state.skipped_iterations,
                   "config": to_dict(self.cfg), "config_yaml": yaml.safe_dump(to_dict(self.cfg)),
                   "vocab_size": self.vocab_size}
-        c = self.cfg.checkpoint
-        return ckpt.save(c.save_dir, self.state.iteration, self.model, self.optimizer, self.scheduler, common,
-                         c.keep_last)
+        return self.saver.save(self.state.iteration, self.model, self.optimizer, self.scheduler, common)
 
     # -- one optimizer step ----------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
@@ -142,6 +163,8 @@ class Trainer:
         # shards differ in length (pads per document), so packing needs PP = 1 (validate()).
         # Interleaved: each chunk walks the same micro-batches, so each gets its own iterator.
         data = [iter(shards) for _ in self.model] if len(self.model) > 1 else iter(shards)
+        if not forward_only and ps.get_pipeline_model_parallel_world_size() == 1:
+            data = self._checking_stop(shards)
         out = get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=data, model=self.model,
             num_microbatches=len(shards), seq_length=self.cfg.data.seq_length,
@@ -217,7 +240,11 @@ class Trainer:
         every = cfg.logging.eval_interval
         while self.state.iteration < o.train_iters:
             t0 = time.perf_counter()
-            out = self.step(next(batches))
+            try:
+                out = self.step(next(batches))
+            except StopRequested as why:  # the weights are still those of the last completed iteration
+                self._save_and_stop(log, f"{why} of iteration {self.state.iteration + 1}, which is abandoned")
+                break
             self.state.iteration += 1
             self.state.consumed_samples += o.global_batch_size
             consecutive_bad = 0 if out["finite"] else consecutive_bad + 1
@@ -229,19 +256,34 @@ class Trainer:
                                    f"iteration {self.state.iteration}; stopping. Lower the learning rate or check the data.")
             if every and self.state.iteration % every == 0 and self.state.iteration < o.train_iters:
                 self._validate(valid, log)
-            stop = collective_tensor([float(self.stop_requested)], torch.float32)
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if stop.item() or self.state.iteration % cfg.checkpoint.save_interval == 0 \
-                    or self.state.iteration == o.train_iters:
-                path = self.save()
-                log.info(f"saved checkpoint {path}")
-            if stop.item():
-                log.info(f"SIGTERM: saved at iteration {self.state.iteration}; exiting cleanly")
+            self._log_saved(log, self.saver.finalize())  # an async save whose writes all finished
+            if self._stop_agreed():
+                self._save_and_stop(log, "stop requested")
                 break
+            if self.state.iteration % cfg.checkpoint.save_interval == 0 or self.state.iteration == o.train_iters:
+                path = self.save()
+                log.info(f"saving checkpoint {path} in the background" if self.saver.pending()
+                         else f"saved checkpoint {path}")
         else:
             self._validate(valid, log)
+        self._log_saved(log, self.saver.finalize(blocking=True))
         log.close()
         return 0
+
+    def _save_and_stop(self, log, why: str) -> None:
+        """SIGTERM: save the last completed iteration and wait for every rank's write."""
+        path = self.save()
+        self._log_saved(log, self.saver.finalize(blocking=True))
+        log.info(f"SIGTERM: saved at iteration {self.state.iteration}; exiting cleanly ({why}; {path})")
+
+    @staticmethod
+    def _log_saved(log, paths) -> None:
+        for path in paths:
+            log.info(f"saved checkpoint {path}")
+
+
+class StopRequested(Exception):
+    """Raised between micro-batches when every rank agreed to stop (SIGTERM)."""
 
 
 def run_stage(cfg: TrainConfig) -> int:
@@ -262,6 +304,10 @@ def run_stage(cfg: TrainConfig) -> int:
         if dist.get_rank() == 0:
             print(f"train: data error: {err}", file=sys.stderr, flush=True)
         return 2
+    except ckpt.CheckpointSaveError as err:  # raised on every rank (disk full, ...)
+        if dist.get_rank() == 0:
+            print(f"train: checkpoint error: {err}", file=sys.stderr, flush=True)
+        return 3
 
 
 def model_of(trainer: Trainer):
