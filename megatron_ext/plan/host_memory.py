@@ -8,17 +8,19 @@ formats of megatron-core's distributed optimizer (distrib_optimizer.py, mcore 0.
 
 * ``fully_reshardable`` (mem_efficient: gloo gather to DP-rank 0 of each TP x PP position,
   ``get_parameter_state_dp_zero``, :977-1120). Save: every rank copies its shard of a
-  bucket into three fp32 buffers (12 N / D); the group's rank 0 also holds the three
-  fp32 "world" tensors of its whole stage (12 P) and, per state key, the gathered list
-  and its concatenation, while the next key's list is allocated (3 x 4 N). It alone
-  writes, the weights too (w P staged from the device). Load: every rank allocates the
-  world tensors (12 P, ``return_on_all_ranks or is_loading``) and reads its weights (w P).
-* ``dp_reshardable`` with megatron-core's fully-parallel save/load wrappers: each rank
-  writes its own optimizer shard (12 P / D, views: no copy on the host) and 1/D of the
-  replicated weights; on a device those bytes are staged to the host ((12 + w) P / D; an
-  async save holds the same staged copy). Load: its optimizer shard's read buffers
-  (12 P / D) and the whole weights of its stage (w P: read or exchanged on the host).
-
+  bucket into three fp32 buffers (12 N / D); the group's rank 0 also holds the three fp32
+  "world" tensors of its whole stage (12 P) and, per state key, the gathered list and its
+  concatenation while the next key's list is allocated (3 x 4 N); then it writes them,
+  and the writer clones every view it writes (filesystem_async.py:136-151): the world
+  tensors' slices (12 P more) and its share of the weights (w P / D, views into DDP's
+  param buffer; D2H copies on a GPU). Load: every rank allocates the world tensors (12 P),
+  reads its share, and receives the rest in the fully-parallel exchange ((D-1)/D x 12 P,
+  host buffers on CPU; on a GPU the exchange runs on the device), and its weights (w P).
+* ``dp_reshardable`` with the fully-parallel wrappers: each rank writes its own optimizer
+  shard and 1/D of the replicated weights, (12 + w) P / D, all staged to the host on a
+  GPU (an async save holds the same staged copy); on CPU only views are cloned (the
+  weights and, in fp32, the "param" state). Load: into the existing state in place, item
+  by item: the largest item's read temporaries (2 x 4 B x its elements).
 Ranks are placed as megatron-core orders them (tp-cp-ep-dp-pp) and nodes take
 consecutive ranks, so only some nodes hold DP-rank-0 ranks. The figures leave out the
 training process itself (Python, CUDA context, data loaders). bench/checkpoint_memory.py
@@ -79,6 +81,12 @@ def bucket_elements(shape: ModelShape, run: RunShape, lay: Layout, params: float
     return min(params, max(BUCKET_MIN, BUCKET_PER_RANK * lay.dp * lay.cp) + largest)
 
 
+def largest_param(shape: ModelShape, lay: Layout) -> float:
+    """Elements of the largest parameter on one rank: a vocabulary matrix or fc1, TP-split."""
+    return max(shape.vocab_size * shape.hidden_size,
+               (2 if shape.swiglu else 1) * shape.ffn_hidden_size * shape.hidden_size) / lay.tp
+
+
 def rank_bytes(shape: ModelShape, run: RunShape, lay: Layout, fmt: str, stage: int, group_rank0: bool,
                on_device: bool) -> Dict[str, float]:
     """Host bytes one rank adds during save and load, and the bytes it writes. ``stage``:
@@ -86,14 +94,33 @@ def rank_bytes(shape: ModelShape, run: RunShape, lay: Layout, fmt: str, stage: i
     tensors live on a GPU (what it writes is staged to the host)."""
     p = stage_params(shape, lay, stage == 0, stage == lay.pp - 1)
     d, w = lay.dp * lay.cp, (2.0 if run.bf16 else 4.0)
+    # its 1/D of the replicated weights: a D2H copy, or on CPU a clone (they are views into
+    # DDP's contiguous param buffer, and the writer clones views: filesystem_async.py:136-151)
+    weights = w * p / d
     if fmt == "fully_reshardable":
         n = bucket_elements(shape, run, lay, p)
-        written = (12.0 + w) * p if group_rank0 else 0.0
-        save = 12.0 * n / d + ((12.0 * p + 12.0 * n + (w * p if on_device else 0.0)) if group_rank0 else 0.0)
-        return {"save": save, "load": (12.0 + w) * p, "written": written}
+        if group_rank0:  # max(gather, write: the world tensors' slices are views, cloned)
+            save = max(12.0 * p + 12.0 * n / d + 12.0 * n, 24.0 * p + weights)
+            written = 12.0 * p + weights
+        else:
+            save, written = max(12.0 * n / d, weights), weights
+        # every rank allocates the world tensors (12 P); the fully-parallel load reads 1/D
+        # and exchanges the rest: on CPU the received (D-1)/D are host buffers too, on a GPU
+        # the exchange runs on the device and the host holds the read share
+        exchange = 12.0 * p * ((d - 1) / d if not on_device else 1 / d)
+        load = 12.0 * p + exchange + (w * p if not on_device else weights)
+        return {"save": save, "load": load, "written": written}
     if fmt == "dp_reshardable":
         written = (12.0 + w) * p / d
-        return {"save": written if on_device else 0.0, "load": 12.0 * p / d + w * p, "written": written}
+        # on a device everything written is staged; on CPU the views: the weights and, in
+        # fp32, the "param" state (the model's own buffer)
+        save = written if on_device else weights + (0.0 if run.bf16 else 4.0 * p / d)
+        # read temporaries of the largest item (bytes and tensor); on CPU the larger of two
+        # phases that a GPU keeps in device memory: the dummy Adam step creating the states to
+        # load into (zero grads of the shard), and the weights' exchange ((D-1)/D received)
+        big = largest_param(shape, lay)
+        load = 8.0 * big if on_device else max(4.0 * p / d + 8.0 * big, w * p * (d - 1) / d + 4.0 * big)
+        return {"save": save, "load": load, "written": written}
     raise PlanError(f"checkpoint format {fmt!r}: expected one of {FORMATS}")
 
 
