@@ -27,6 +27,11 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         # Hugging Face import/export (megatron_ext.convert) and hf: tokenizers
         "hf": ["transformers>=4.45", "safetensors>=0.4", "tokenizers>=0.20"],
-        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "safetensors>=0.4", "tokenizers>=0.20"],
+        # data_tools.preprocess input beyond JSON lines: .parquet (pyarrow), .jsonl.zst (zstandard),
+        # Hugging Face datasets folders (datasets.load_from_disk); each imported only when such input is given
+        "data": ["pyarrow>=15", "zstandard>=0.22", "datasets>=2.19"],
+        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "safetensors>=0.4", "tokenizers>=0.20",
+                "pyarrow>=15", "zstandard>=0.22", "datasets>=2.19",  # the data extra, for its tests
+                "jsonschema>=4.18"],  # tests: launch's TrainJob against the Kubeflow Trainer CRD schema
     },
 )

@@ -14,6 +14,10 @@ Pipelines, each timed on the same corpus in the same run, interleaved, minimum o
                   JSON, writing .bin/.idx (and "excl. start-up": the tool's own timer).
 * megatron-style: multiprocessing.Pool.imap(encode, lines, 32) + IndexedDatasetBuilder
                   (Megatron-LM's preprocess_data.py in miniature; sentencepiece only).
+* ours (parquet): the same tool and flags on the same texts written as one Parquet
+                  file (a "text" column, pyarrow's default row groups), run interleaved
+                  with the JSON lines run; "parquet / JSON lines" is the JSON lines wall
+                  time over the Parquet wall time (> 1: Parquet input is faster).
 
 ratio = limit seconds / pipeline seconds for the same tokens (1.0 = as fast as the bare
 tokenizer call). Goal: ours >= 0.9 for sentencepiece and >= 0.8 for hf:, on big
@@ -24,7 +28,7 @@ missing). Tokenizers are trained here: sentencepiece BPE and a byte-level BPE
 tokenizer.json, both --vocab pieces. A second table profiles one pass of our
 stages on one thread (small corpus, sentencepiece). Peak RSS is the tool's own.
 ``--python-path`` runs the tool from another checkout (before/after figures).
-Writes bench/results/preprocess.json.
+``--no-parquet`` skips the Parquet rows. Writes bench/results/preprocess.json.
 """
 from __future__ import annotations
 
@@ -146,13 +150,24 @@ def ours(spec: str, path: str, prefix: str, python_path: str) -> tuple:
     return int(m.group(1)), wall, float(m.group(2)), int(m.group(3))
 
 
-def compare(name, spec, path, docs, tmp, reps, python_path):
-    """Rows for one corpus and tokenizer: limit, ours (and megatron-style for sentencepiece)."""
+def write_parquet(path: str, jsonl: str) -> str:
+    """The texts of ``jsonl`` as a one-column Parquet file (pyarrow's defaults)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(jsonl) as f:
+        pq.write_table(pa.table({"text": [json.loads(line)["text"] for line in f]}), path)
+    return path
+
+
+def compare(name, spec, path, docs, tmp, reps, python_path, parquet=None):
+    """Rows for one corpus and tokenizer: limit, ours (and megatron-style for sentencepiece;
+    ours on ``parquet``, the same texts as Parquet, when given)."""
     with open(path) as f:
         texts = [json.loads(line)["text"] for line in f]
     lim = limit_fn(spec, texts)
     n_lim = lim() + len(texts)  # + one EOD per document, as ours writes
-    t_lim, t_our, t_own, t_meg, rss = [], [], [], [], 0
+    t_lim, t_our, t_own, t_meg, rss, t_pq, t_pq_own = [], [], [], [], 0, [], []
     for _ in range(reps):
         gc.disable()  # the tokenizer's best: no collector passes over its 100K fresh lists (ours runs so too)
         t0 = time.perf_counter()
@@ -163,6 +178,12 @@ def compare(name, spec, path, docs, tmp, reps, python_path):
         t_our.append(wall)
         t_own.append(own)
         rss = max(rss, peak)
+        if parquet:
+            n_pq, wall, own, peak_pq = ours(spec, parquet, os.path.join(tmp, "our_pq"), python_path)
+            t_pq.append(wall)
+            t_pq_own.append(own)
+            if n_pq != n_our:
+                raise RuntimeError(f"{name}: Parquet input gave {n_pq} tokens, JSON lines {n_our}")
         if not spec.startswith("hf:"):
             n_meg, t = megatron_style(spec, path, os.path.join(tmp, "meg"))
             t_meg.append(t)
@@ -171,12 +192,18 @@ def compare(name, spec, path, docs, tmp, reps, python_path):
     lim_s, kind = min(t_lim), "hf" if spec.startswith("hf:") else "sentencepiece"
     rows = [[name, kind, "limit", docs, n_lim, n_lim / lim_s, 1.0, "-", "-"],
             [name, kind, "ours", docs, n_our, n_our / min(t_our), lim_s / min(t_our), lim_s / min(t_own), rss]]
+    if t_pq:
+        rows.append([name, kind, "ours (parquet)", docs, n_pq, n_pq / min(t_pq), lim_s / min(t_pq),
+                     lim_s / min(t_pq_own), peak_pq])
     if t_meg:
         rows.append([name, kind, "megatron-style", docs, n_meg, n_meg / min(t_meg), lim_s / min(t_meg), "-", "-"])
     report = {"docs": docs, "tokens": n_lim, "limit_s": lim_s, "ours_s": min(t_our), "ours_own_s": min(t_own),
               "ratio": lim_s / min(t_our), "ratio_excl_startup": lim_s / min(t_own), "peak_rss_mib": rss}
     if t_meg:
         report.update(megatron_s=min(t_meg), megatron_ratio=lim_s / min(t_meg))
+    if t_pq:
+        report.update(parquet_s=min(t_pq), parquet_own_s=min(t_pq_own), parquet_ratio=lim_s / min(t_pq),
+                      parquet_vs_jsonl=min(t_our) / min(t_pq), parquet_vs_jsonl_excl_startup=min(t_own) / min(t_pq_own))
     return rows, report
 
 
@@ -233,6 +260,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5, help="repetitions; each figure is the minimum")
     ap.add_argument("--python-path", default="", help="PYTHONPATH for the tool (another checkout)")
     ap.add_argument("--no-hf", action="store_true", help="skip the hf: rows")
+    ap.add_argument("--no-parquet", action="store_true", help="skip the Parquet rows")
     args = ap.parse_args(argv)
     report, rows = {"cores": CORES, "reps": args.reps}, []
     with tempfile.TemporaryDirectory(prefix="mext-bench-pre-") as tmp:
@@ -251,8 +279,9 @@ def main(argv=None):
         for name, docs in corpora.items():
             path = os.path.join(tmp, f"{name}.jsonl")
             write_docs(path, docs)
+            parquet = None if args.no_parquet else write_parquet(os.path.join(tmp, f"{name}.parquet"), path)
             for spec in specs:
-                r, rep = compare(name, spec, path, len(docs), tmp, args.reps, args.python_path)
+                r, rep = compare(name, spec, path, len(docs), tmp, args.reps, args.python_path, parquet)
                 rows += r
                 report[f"{name}_{'hf' if spec.startswith('hf:') else 'sentencepiece'}"] = rep
         gc.disable()  # as the tool runs: no collector passes over the bench's own live objects
@@ -263,6 +292,12 @@ def main(argv=None):
                 f"goal ours >= 0.9 sentencepiece, >= 0.8 hf; ratio includes interpreter start)",
                 ["corpus", "tokenizer", "pipeline", "docs", "tokens", "tokens/s", "ratio", "ratio excl. start-up",
                  "peak RSS MiB"], rows)
+    pq_rows = [[k.split("_")[0], k.split("_")[1], v["ours_s"], v["parquet_s"], v["parquet_vs_jsonl"],
+                v["parquet_vs_jsonl_excl_startup"]] for k, v in report.items() if isinstance(v, dict) and "parquet_s" in v]
+    if pq_rows:
+        print_table("Parquet input vs JSON lines: same texts, same flags, interleaved (ratio = JSON lines seconds / "
+                    "Parquet seconds; > 1: Parquet faster)",
+                    ["corpus", "tokenizer", "JSON lines s", "Parquet s", "ratio", "ratio excl. start-up"], pq_rows)
     print_table("Where our time goes: one pass of each stage on one thread (small corpus, sentencepiece)",
                 ["stage", "seconds", "share"], [[k, v, f"{v / sum(prof.values()):.1%}"] for k, v in prof.items()])
     print(f"\nbench: wrote {write_json('preprocess', report)}")

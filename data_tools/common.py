@@ -19,11 +19,43 @@ class DataError(Exception):
         self.path, self.line, self.reason = path, line, reason
 
 
+COMPRESSED = (".gz", ".zst")
+
+
 def open_binary(path: str):
-    """Open a plain or ``.gz`` file for binary reading."""
+    """Open a plain, ``.gz`` (gzip) or ``.zst`` (Zstandard, every frame) file for binary
+    reading; compressed streams seek forward only (resume does)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
+    if path.endswith(".zst"):
+        import zstandard  # only when a .zst input is given
+
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+        return io.BufferedReader(raw, 1 << 20)  # lines and whole reads; not seekable (see skip_to)
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def input_stamp(path: str) -> list:
+    """What says an input changed: [path, size, mtime], and for a folder (a ``datasets``
+    save) the same for every file under it, in name order."""
+    if not os.path.isdir(path):
+        st = os.stat(path)
+        return [path, st.st_size, st.st_mtime_ns]
+    files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names)
+    return [path, [[os.path.relpath(f, path), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]]
+
+
+def skip_to(f, offset: int) -> None:
+    """Move an :func:`open_binary` stream from its start to ``offset`` (decompressing up to
+    there where it cannot seek)."""
+    if f.seekable():
+        f.seek(offset)
+        return
+    while offset > 0:
+        got = len(f.read(min(offset, 1 << 20)))
+        if not got:
+            raise ValueError(f"{getattr(f, 'name', 'input')}: shorter than the resume offset {offset}")
+        offset -= got
 
 
 def iter_lines(paths: Sequence[str]) -> Iterator[Tuple[str, int, bytes]]:
@@ -39,7 +71,7 @@ def iter_texts(paths: Sequence[str], key: str = "text") -> Iterator[Tuple[int, s
     (``.txt``/``.txt.gz``/``changelog*``: each file is one document)."""
     doc = 0
     for path in paths:
-        if path.endswith(".jsonl") or path.endswith(".jsonl.gz") or path.endswith(".json"):
+        if path.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst", ".json")):
             for _, lineno, raw in iter_lines([path]):
                 if not raw.strip():
                     continue

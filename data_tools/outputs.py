@@ -94,18 +94,14 @@ def _flatten_lists(ids: List[List[int]], code: int, eod: Optional[int]) -> Tuple
     return tokens, array.array("i", map(len, ids))
 
 
-def flatten_sft(ids: Sequence[List[int]], records, code: int, eod: int):
-    """SFT: segment token lists (in record order) -> (tokens, uint8 loss mask, int32 lengths);
-    the mask is 1 on trained segments and on the EOD closing each record."""
-    ids = iter(ids)
+def flatten_sft(encoded: Sequence[Tuple[List[int], List[int]]], code: int, eod: int):
+    """SFT: (ids, 0/1 flags) per record (:func:`data_tools.segments.split_encoded`) -> (tokens,
+    uint8 loss mask, int32 lengths); the mask is 1 on trained tokens and on the EOD closing each record."""
     tokens, mask, lengths = array.array(idxwrite.TYPECODE[code]), array.array("B"), array.array("i")
-    for r in records:
-        start = len(tokens)
-        for _, trained in r:
-            seg = next(ids)
-            tokens.fromlist(seg)
-            mask.frombytes(bytes([trained]) * len(seg))
+    for ids, flags in encoded:
+        tokens.fromlist(ids)
         tokens.append(eod)
+        mask.frombytes(bytes(flags))
         mask.append(1)
-        lengths.append(len(tokens) - start)
+        lengths.append(len(ids) + 1)
     return tokens, mask, lengths

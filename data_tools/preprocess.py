@@ -1,12 +1,21 @@
-"""Pre-tokenize JSONL into Megatron indexed binaries, streaming and resumable.
+"""Pre-tokenize JSON lines, Parquet or ``datasets`` folders into Megatron indexed binaries,
+streaming and resumable.
 
-    python -m data_tools.preprocess --input A.jsonl [B.jsonl.gz ...] --output-prefix P --tokenizer-model M
+    python -m data_tools.preprocess --input A.jsonl [B.jsonl.gz C.jsonl.zst D.parquet DATASET_DIR ...]
+        --output-prefix P --tokenizer-model M
         [--json-keys text] [--append-eod] [--workers N] [--sft] [--resume] [--skip-invalid] [--allow-empty]
+
+Inputs, by name: ``*.parquet`` (pyarrow), a folder (a Hugging Face dataset saved with
+``save_to_disk``, read by ``datasets.load_from_disk``), ``*.gz`` / ``*.zst`` (compressed
+JSON lines), anything else JSON lines. ``--json-keys`` names the JSON keys, and the
+columns of Parquet and datasets input (:mod:`data_tools.tables`).
 
 ``--tokenizer-model`` is a sentencepiece ``PATH.model`` or ``hf:DIR`` (a Hugging
 Face ``tokenizer.json``); the EOD id is the tokenizer's EOS. Writes
 ``P_{key}_document.bin/.idx`` (with ``--sft`` also the aligned uint8
-``P_loss_mask_document``: 1 on response tokens and the EOD).
+``P_loss_mask_document``: 1 on response tokens and the EOD). An SFT record is
+tokenized as one text, prompt + implied separator + response, and the mask
+starts at the suffix after the prompt (:mod:`data_tools.segments`).
 
 Pipeline: the main thread cuts the input into blocks of whole lines
 (:mod:`data_tools.batches`); ``--workers`` threads parse, tokenize (the tokenizer runs
@@ -22,7 +31,8 @@ inputs' sizes and mtimes, the options and the tokenizer's content. At the end th
 ``.idx`` files go to temp names, old ``.idx`` files are removed, then ``.bin`` and
 ``.idx`` are renamed: no ``.bin`` ever sits beside another run's ``.idx``.
 
-A bad line stops the run (exit 2, ``FILE:LINE: reason``, no output) unless
+A bad line stops the run (exit 2, ``FILE:LINE: reason``; a bad table row:
+``FILE: row N: reason``, N from 0; no output) unless
 ``--skip-invalid``, which counts and lists rejects in ``P.rejects.jsonl``. Input
 with no documents is an error (exit 2, naming the files) unless ``--allow-empty``.
 """
@@ -40,10 +50,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict
 
 from .batches import Batch, parse, read_batches
-from .common import atomic_write, load_tokenizer, progress
+from .tables import is_table
+from .common import COMPRESSED, atomic_write, input_stamp, load_tokenizer, progress
 from .idxwrite import UINT8, token_code
 from .outputs import Output, encode, flatten, flatten_sft
 from .records import REASONS
+from .segments import split_encoded, texts_to_encode
 from .sysinfo import peak_rss_bytes
 
 MASK_DATASET = "loss_mask"
@@ -79,7 +91,7 @@ class Preprocessor:
         """What the output depends on: the inputs (path, size, mtime), the options, the tokenizer's content."""
         if self._fingerprint is None:
             a = self.args
-            inputs = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in a.input]
+            inputs = [input_stamp(p) for p in a.input]
             spec = [inputs, a.json_keys, a.append_eod, a.sft, a.skip_invalid, self.tok.fingerprint()]
             self._fingerprint = hashlib.sha256(json.dumps(spec).encode()).hexdigest()
         return self._fingerprint
@@ -96,8 +108,11 @@ class Preprocessor:
             eod = self.eod if a.append_eod else None
             return {key: flatten(encode(self.tok, texts), self.code, eod)
                     for key, texts in zip(a.json_keys, records)}
-        ids = self.tok.encode_batch([text for r in records for text, _ in r])
-        tokens, mask, lengths = flatten_sft(ids, records, self.code, self.eod)
+        # Each record is tokenized as one text, cut where the loss mask changes (the suffix rule).
+        texts = [texts_to_encode(r) for r in records]
+        ids = iter(self.tok.encode_batch([t for ts in texts for t in ts]))
+        per_record = [split_encoded(r, [next(ids) for _ in ts]) for r, ts in zip(records, texts)]
+        tokens, mask, lengths = flatten_sft(per_record, self.code, self.eod)
         return {"text": (tokens, lengths), MASK_DATASET: (mask, lengths)}
 
     def write(self, encoded, batch: Batch) -> None:
@@ -107,7 +122,7 @@ class Preprocessor:
         if batch.rejects:
             for r in batch.rejects:
                 self.counts[r["kind"]] = self.counts.get(r["kind"], 0) + 1
-            self.rejects.write("".join(json.dumps({k: r[k] for k in ("file", "line", "reason")}) + "\n"
+            self.rejects.write("".join(json.dumps({k: v for k, v in r.items() if k != "kind"}) + "\n"
                                        for r in batch.rejects).encode())
         if encoded:
             lengths = next(iter(encoded.values()))[1]
@@ -164,13 +179,16 @@ class Preprocessor:
         paths = self.args.input
         workers = max(1, self.args.workers)
         pool = ThreadPoolExecutor(workers)
-        # Input bytes give an ETA (not for .gz, whose uncompressed size is unknown).
-        total = None if any(p.endswith(".gz") for p in paths) else sum(os.path.getsize(p) for p in paths)
+        # Input bytes give an ETA (not for compressed files or tables: their sizes are not what is read).
+        total = None if any(p.endswith(COMPRESSED) or is_table(p) for p in paths) else \
+            sum(os.path.getsize(p) for p in paths)
+        columns = None if self.args.sft else self.args.json_keys  # what tables read (None: the SFT columns)
         bar = progress(total=total, unit="B", desc="preprocess", unit_scale=True)
         try:
             inflight = collections.deque()
-            for batch in read_batches(paths, state["position"] if state else (0, 0, 0), self.args.batch_bytes):
-                inflight.append((pool.submit(self.encode, batch) if batch.lines else None, batch))
+            start = state["position"] if state else (0, 0, 0)
+            for batch in read_batches(paths, start, self.args.batch_bytes, columns):
+                inflight.append((pool.submit(self.encode, batch) if batch.has_input() else None, batch))
                 while len(inflight) > 2 * workers or (inflight and inflight[0][0] is None) or \
                         (inflight and inflight[0][0].done()):
                     self._write_next(inflight, bar)
@@ -206,7 +224,8 @@ class Preprocessor:
         """Every .idx to its temp name, then the progress file says so (phase FINAL)."""
         if self.docs == 0 and not self.args.allow_empty:
             rejected = sum(self.counts.values())
-            why = f"all {rejected} lines were rejected" if rejected else "empty input"
+            unit = "rows" if all(map(is_table, self.args.input)) else "lines"
+            why = f"all {rejected} {unit} were rejected" if rejected else "empty input"
             raise SystemExit(f"{', '.join(self.args.input)}: no documents ({why}); nothing written "
                              f"(--allow-empty writes an empty dataset)")
         state = {name: out.write_index() for name, out in self.outputs.items()}
@@ -248,11 +267,14 @@ class Preprocessor:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m data_tools.preprocess", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", nargs="+", required=True, help="JSONL files, .gz accepted, read in order")
+    ap.add_argument("--input", nargs="+", required=True,
+                    help="read in order: JSON lines (.jsonl, .jsonl.gz, .jsonl.zst), .parquet files, "
+                         "datasets folders (save_to_disk)")
     ap.add_argument("--output-prefix", required=True)
     ap.add_argument("--tokenizer-model", required=True,
                     help="PATH.model (sentencepiece) or hf:DIR (a Hugging Face tokenizer.json)")
-    ap.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize (one dataset each)")
+    ap.add_argument("--json-keys", nargs="+", default=["text"],
+                    help="JSON keys, or Parquet/datasets columns, to tokenize: one dataset P_{key}_document each")
     ap.add_argument("--append-eod", action="store_true", help="end every document with the EOS id")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer threads")
     ap.add_argument("--sft", action="store_true", help="prompt/response or messages; writes the loss mask too")

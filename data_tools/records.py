@@ -2,14 +2,18 @@
 
 A line becomes a list of (text, trained) segments: plain documents are one
 segment per JSON key; SFT samples are prompt (not trained) then response
-(trained), or chat ``messages`` rendered as ``role: content`` lines with only
-assistant contents trained. Any problem raises :class:`BadRecord` with a short
-reason that the caller reports as ``FILE:LINE: reason``.
+(trained, after the separator the prompt implies: :mod:`data_tools.segments`),
+or chat ``messages`` rendered as ``role: content`` lines with only assistant
+contents trained. Segments are tokenized as one text (the suffix rule). Any
+problem raises :class:`BadRecord` with a short reason that the caller reports
+as ``FILE:LINE: reason``.
 """
 from __future__ import annotations
 
 import json
 from typing import List, Sequence, Tuple
+
+from .segments import pair_segments
 
 try:  # optional: about 3x faster than json on small lines
     import orjson as _fast_json
@@ -64,9 +68,9 @@ def _decode(raw: bytes) -> str:
         raise BadRecord("invalid UTF-8", f"byte {e.start}") from None
 
 
-def document_segments(raw: bytes, keys: Sequence[str]) -> List[str]:
+def document_segments(raw, keys: Sequence[str]) -> List[str]:
     """One text per key, each non-empty."""
-    obj = _load(raw)
+    obj = raw if isinstance(raw, dict) else _load(raw)  # a table row (data_tools.tables) is a dict
     texts = [_text(obj, k) for k in keys]
     for k, t in zip(keys, texts):
         if not t or t.isspace():
@@ -74,9 +78,9 @@ def document_segments(raw: bytes, keys: Sequence[str]) -> List[str]:
     return texts
 
 
-def sft_segments(raw: bytes) -> Segments:
-    """[(prompt, False), (response, True)] or the rendered chat turns."""
-    obj = _load(raw)
+def sft_segments(raw) -> Segments:
+    """[(prompt, False), (separator + response, True)] or the rendered chat turns."""
+    obj = raw if isinstance(raw, dict) else _load(raw)  # a table row (data_tools.tables) is a dict
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -95,4 +99,4 @@ def sft_segments(raw: bytes) -> Segments:
     prompt, response = _text(obj, "prompt"), _text(obj, "response")
     if not response.strip():
         raise BadRecord("empty text", "'response'")
-    return [(prompt, False), (response, True)]
+    return pair_segments(prompt, response)

@@ -74,6 +74,17 @@ class Tokenizer:
         """sha256 of the files the ids depend on (resume and caches compare it)."""
         return _file_digest(self.files)
 
+    def chat_prompt(self, user_text: str) -> str:
+        """``user_text`` as one user turn in the tokenizer's own chat template, ending where the
+        assistant's reply starts (add_generation_prompt). Only hf:DIR tokenizers have one."""
+        raise ValueError(f"{self.name}: a sentencepiece model has no chat template; --chat-template needs "
+                         f"hf:DIR (a Hugging Face tokenizer folder with a chat template)")
+
+    def chat_template_digest(self) -> str:
+        """sha256 of the chat template text (raises ValueError when there is none)."""
+        self.chat_prompt("")
+        return ""
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece ``.model``."""
@@ -157,7 +168,7 @@ class HFTokenizer(Tokenizer):
             self.tok = RustTokenizer.from_file(path)
         except Exception as e:  # tokenizers raises its own Exception subclass for a bad file
             raise ValueError(f"{path}: not a tokenizers tokenizer.json ({e})") from e
-        self.name = HF_PREFIX + folder
+        self.name, self.folder = HF_PREFIX + folder, folder
         self.files = [path] + [p for p in (os.path.join(folder, n) for n in ("tokenizer_config.json",
                                                                               "special_tokens_map.json"))
                                if os.path.exists(p)]
@@ -199,6 +210,35 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def _transformers(self):
+        """The folder as a ``transformers`` tokenizer (it reads tokenizer_config.json's chat_template
+        or chat_template.jinja); loaded on first use, with a clear error if it has no template."""
+        if getattr(self, "_hf", None) is None:
+            from transformers import AutoTokenizer
+
+            self._hf = AutoTokenizer.from_pretrained(self.folder)
+        if not getattr(self._hf, "chat_template", None):
+            raise ValueError(f"{self.folder}: no chat template (neither chat_template.jinja nor a chat_template "
+                             f"key in tokenizer_config.json); drop --chat-template")
+        return self._hf
+
+    def chat_prompt(self, user_text: str) -> str:
+        return self._transformers().apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                                        add_generation_prompt=True)
+
+    def chat_template_digest(self) -> str:
+        template = self._transformers().chat_template
+        text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def canonical_spec(spec: str) -> str:
+    """``spec`` with its path made absolute (``hf:DIR`` -> ``hf:/abs/DIR``): the same tokenizer
+    gives the same string from any working directory."""
+    if spec.startswith(HF_PREFIX):
+        return HF_PREFIX + os.path.abspath(spec[len(HF_PREFIX):])
+    return os.path.abspath(spec)
 
 
 def load_tokenizer(spec: str, threads: Optional[int] = None) -> Tokenizer:

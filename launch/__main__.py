@@ -1,9 +1,9 @@
 """Render or submit cluster jobs for megatron_ext.train.
 
-    python -m launch render --template slurm|k8s|hostfile --config launch/configs/X.yaml --nodes N
+    python -m launch render --template slurm|k8s|trainjob|hostfile --config launch/configs/X.yaml --nodes N
                             --gpus-per-node G [--nproc-per-node N] [--device cuda|cpu] [--partition P]
-                            [--time T] [--account A] [--job-name J] [--log-dir D] [--image I]
-                            [--set key=value ...] [--out FILE]
+                            [--time T] [--account A] [--job-name J] [--log-dir D] [--image I] [--max-restarts R]
+                            [--runtime NAME] [--set key=value ...] [--out FILE]
     python -m launch submit ... [--dry-run]      # renders a SLURM script and calls sbatch
 
 The layout is checked first: TP x CP x PP x DP must equal nodes x processes per
@@ -43,7 +43,8 @@ def _add_common(p: argparse.ArgumentParser, template_choice: bool) -> None:
     p.add_argument("--account", default="")
     p.add_argument("--job-name", default="megatron-ext")
     p.add_argument("--log-dir", default="logs")
-    p.add_argument("--image", default="megatron-ext:latest", help="container image (k8s)")
+    p.add_argument("--image", default="megatron-ext:latest", help="container image (k8s, trainjob)")
+    p.add_argument("--max-restarts", type=int, default=3, help="k8s, trainjob: restarts of the whole job")
     p.add_argument("--python", default=sys.executable, help="interpreter on the nodes")
     p.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override")
@@ -56,7 +57,8 @@ def _spec(args, template: str) -> JobSpec:
     return JobSpec(template=template, config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                    nproc_per_node=args.nproc_per_node, device=args.device, job_name=args.job_name,
                    partition=args.partition, time=args.time, account=args.account, log_dir=args.log_dir,
-                   image=args.image, sets=args.set, python=args.python, repo=args.repo, gpu=args.gpu,
+                   image=args.image, sets=args.set, python=args.python, repo=args.repo,
+                   runtime=getattr(args, "runtime", ""), max_restarts=args.max_restarts, gpu=args.gpu,
                    ckpt_write_gib_s=args.ckpt_write_gib_s)
 
 
@@ -67,6 +69,8 @@ def main(argv=None) -> int:
     r = sub.add_parser("render", help="write a job file")
     _add_common(r, template_choice=True)
     r.add_argument("--out", default="", help="file to write (default: stdout)")
+    r.add_argument("--runtime", default="", metavar="NAME",
+                   help="trainjob: use this installed ClusterTrainingRuntime (default: write one)")
     s = sub.add_parser("submit", help="render a SLURM script and sbatch it")
     _add_common(s, template_choice=False)
     s.add_argument("--dry-run", action="store_true", help="print the script instead of submitting")
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
     if args.command == "render":
         if args.out:
             atomic_write(args.out, text.encode())
-            if template != "k8s":
+            if template not in ("k8s", "trainjob"):  # scripts are executable, manifests are not
                 os.chmod(args.out, 0o755)
             print(f"launch render: wrote {args.out} ({template}, {args.nodes} node(s))")
         else:

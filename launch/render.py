@@ -17,7 +17,8 @@ from typing import List, Optional
 import yaml
 
 # Template files, relative to launch/.
-TEMPLATES = {"slurm": "slurm/train.sbatch", "k8s": "templates/k8s.yaml", "hostfile": "templates/hostfile.sh"}
+TEMPLATES = {"slurm": "slurm/train.sbatch", "k8s": "templates/k8s.yaml", "hostfile": "templates/hostfile.sh",
+             "trainjob": "templates/trainjob.yaml"}  # trainjob: Kubeflow Trainer v2 (launch/trainjob.py)
 HERE = os.path.dirname(os.path.abspath(__file__))
 NCCL_DEFAULTS = ("NCCL_ASYNC_ERROR_HANDLING=1", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "NCCL_IB_TIMEOUT=22",
                  "CUDA_DEVICE_MAX_CONNECTIONS=1")
@@ -28,7 +29,7 @@ class JobSpec:
     """What the cluster is asked for."""
 
     template: str
-    """slurm, k8s or hostfile."""
+    """slurm, k8s (v1 PyTorchJob), trainjob (Kubeflow Trainer v2) or hostfile."""
     config: str
     """Training config (YAML)."""
     nodes: int = 1
@@ -52,7 +53,9 @@ class JobSpec:
     image: str = "megatron-ext:latest"
     """Container image (k8s)."""
     max_restarts: int = 3
-    """Restarts (k8s elastic policy)."""
+    """Restarts (k8s elastic policy; trainjob: the runtime's JobSet failure policy)."""
+    runtime: str = ""
+    """trainjob: an installed ClusterTrainingRuntime to use (default: write our own)."""
     sets: List[str] = field(default_factory=list)
     """--set overrides passed to the trainer."""
     python: str = "python"
@@ -136,6 +139,10 @@ def render(spec: JobSpec) -> str:
     nproc = spec.nproc_per_node or spec.gpus_per_node
     if spec.template == "k8s":
         return _render_k8s(spec, nproc, grace.seconds)
+    if spec.template == "trainjob":
+        from .trainjob import render_trainjob
+
+        return render_trainjob(spec, nproc, NCCL_DEFAULTS if spec.device == "cuda" else ())
     q = shlex.quote
     values = {
         "job_name": _safe_name(spec.job_name), "job_name_q": q(spec.job_name), "nodes": spec.nodes,

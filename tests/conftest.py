@@ -67,3 +67,34 @@ def data(corpus, tokenizer, tmp_path_factory):
     subprocess.run(py + ["data_tools.preprocess", "--input", str(root / "synl.jsonl"), "--output-prefix",
                          str(root / "sft"), "--tokenizer-model", tokenizer, "--sft"], check=True, capture_output=True)
     return {"pre": str(root / "pre"), "sft": str(root / "sft"), "tok": tokenizer}
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(corpus, tmp_path_factory):
+    """hf:DIR of a byte-level BPE tokenizer.json (GPT-2/Llama-3/Qwen2 style: ByteLevel pre-tokenizer
+    and decoder), trained locally on the test corpus plus passkey-style lines so numbers get
+    ' 51252'-style pieces; ChatML chat template; 600 ids, the size of the sentencepiece fixture."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=560, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    rng = random.Random(5)
+    numbers = [f"The pass key is {rng.randrange(10000, 100000)}. Remember it." for _ in range(300)]
+    texts = [json.loads(line)["text"] for line in open(corpus)] + numbers * 3
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens([AddedToken(f"<|extra_{i}|>", special=True)
+                            for i in range(600 - tok.get_vocab_size(with_added_tokens=True))])
+    assert tok.get_vocab_size(with_added_tokens=True) == 600
+    root = tmp_path_factory.mktemp("bpe")
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<pad>", "chat_template": CHATML}))
+    return str(root)

@@ -201,3 +201,103 @@ def test_train_from_imported_model_first_loss_equals_hf(tokenizer, sp, tmp_path)
     with torch.no_grad():
         hf_loss = torch.nn.functional.cross_entropy(model(doc[None]).logits[0].double(), labels).item()
     assert abs(first - hf_loss) <= 1e-4 * hf_loss, (first, hf_loss)
+
+
+def test_logits_model_loads_once_and_equals_forward_logits(tmp_path, monkeypatch):
+    """Dynamic NTK: 95 and 96 tokens share megatron-core's cached RoPE table length (96) but not
+    the length they scale for, so a reused model must not reuse the table."""
+    from megatron_ext.convert import LogitsModel, logits as logits_mod
+
+    model = _hf_model("llama", seed=3, max_position_embeddings=32, rope_scaling=dict(ROPE_KINDS["dynamic"]))
+    import_hf(_save(model, tmp_path / "hf"), str(tmp_path / "ours"))
+    batches = [torch.randint(0, 512, (2, n)) for n in (95, 96, 40, 95)]
+    expected = [forward_logits(str(tmp_path / "ours"), ids) for ids in batches]
+    loads = []
+    real = logits_mod.load_model_weights
+    monkeypatch.setattr(logits_mod, "load_model_weights", lambda *a: (loads.append(a[0]), real(*a))[1])
+    before = torch.random.get_rng_state()
+    with LogitsModel.load(str(tmp_path / "ours")) as lm:
+        assert torch.equal(torch.random.get_rng_state(), before)  # loading leaves the caller's RNG alone
+        got = [lm.logits(ids) for ids in batches]
+    assert len(loads) == 1
+    for ids, ours, want in zip(batches, got, expected):
+        assert ours.shape == (2, ids.shape[1], 512) and torch.equal(ours, want)
+        fresh = _hf_model("llama", seed=3, max_position_embeddings=32, rope_scaling=dict(ROPE_KINDS["dynamic"]))
+        assert (ours - _hf_logits(fresh, ids)).abs().max().item() <= 1e-4  # HF's dynamic RoPE keeps state: fresh
+    with pytest.raises(RuntimeError, match="is closed"):
+        lm.logits(batches[0])
+
+
+def _chat_model_folder(path):
+    """A tiny Llama 'instruct' folder built locally: byte-level BPE tokenizer.json, ChatML template
+    in chat_template.jinja, eos = <|im_end|>, and weights edited so greedy generation ends its turn."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tests.conftest import CHATML, make_docs
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(make_docs(60), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    os.makedirs(path)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}, f)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+        f.write(CHATML)
+    end, pad = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    text = hf_tok.apply_chat_template([{"role": "user", "content": "Name the river."}], tokenize=False,
+                                      add_generation_prompt=True)
+    ids = hf_tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    model = _hf_model("llama", seed=4, bos_token_id=None, eos_token_id=end, pad_token_id=pad)
+    with torch.no_grad():  # <|im_end|> scores twice the third greedy token: the turn ends there
+        seq = ids
+        for _ in range(3):
+            seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], dim=1)
+        model.lm_head.weight[end] = 2 * model.lm_head.weight[int(seq[0, -1])]
+    model.save_pretrained(path)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [end, pad], "pad_token_id": pad, "do_sample": False}, f)
+    return path, ids, end
+
+
+def test_export_keeps_tokenizer_chat_template_and_generation_stops(tmp_path, capsys):
+    src, ids, end = _chat_model_folder(str(tmp_path / "instruct"))
+    import_hf(src, str(tmp_path / "ours"))
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "back")]) == 0
+    assert "chat_template.jinja, config.json, generation_config.json" in capsys.readouterr().out
+    back = str(tmp_path / "back")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert open(os.path.join(back, name), "rb").read() == open(os.path.join(src, name), "rb").read(), name
+    msgs = [{"role": "user", "content": "Name the river."}]
+    render = lambda d: transformers.AutoTokenizer.from_pretrained(d).apply_chat_template(  # noqa: E731
+        msgs, tokenize=False, add_generation_prompt=True)
+    assert render(back) == render(src)
+    config = json.load(open(os.path.join(back, "config.json")))
+    original = json.load(open(os.path.join(src, "config.json")))
+    assert config["eos_token_id"] == end and config["pad_token_id"] == original["pad_token_id"]
+    runs = {}
+    for name, folder in (("original", src), ("export", back)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert model.generation_config.eos_token_id == [end, config["pad_token_id"]]
+        with torch.no_grad():
+            runs[name] = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert runs["export"] == runs["original"]
+    assert runs["original"][-1] == end and len(runs["original"]) < 20  # it stopped at the end of its turn
+
+
+def test_export_of_sentencepiece_tokenizer_writes_ids_and_generation_config(tokenizer, tmp_path):
+    from data_tools.common import load_tokenizer
+
+    from megatron_ext.convert import hf_files
+
+    sp = load_tokenizer(tokenizer)
+    ids = hf_files.token_ids(tokenizer, hf_files.tokenizer_source(tokenizer))
+    assert ids == {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    written = hf_files.write_tokenizer_files(tokenizer, str(tmp_path), ids)
+    assert written == ["tokenizer.model", "generation_config.json"]
+    assert json.load(open(tmp_path / "generation_config.json")) == ids
+    with pytest.raises(ConversionError, match="data.tokenizer_model 'hf:/nowhere' does not exist"):
+        hf_files.tokenizer_source("hf:/nowhere")

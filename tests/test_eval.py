@@ -153,7 +153,7 @@ def _plan(**kw):
 
     args = {"checkpoint": None, "tokenizer_model": None, "lengths": "256", "depths": "0:100:50", "out": "x",
             "kind": "passkey", "haystack": [], "cp": 0, "cp_comm_type": "p2p", "rope_scaling": "none",
-            "rope_factor": 1.0, "seed": 0}
+            "rope_factor": 1.0, "seed": 0, "chat_template": False}
     args.update(kw)
     assert set(args) == {a.dest for a in build_parser()._actions if a.dest != "help"}
     return make_plan(argparse.Namespace(**args))
@@ -185,6 +185,43 @@ def test_bad_requests_get_clear_errors(ckpt, data, corpus, tmp_path):
         _plan(**ok, kind="needle", haystack=[str(bad)])
     with pytest.raises(ValueError, match="--cp 2 must equal the number of processes"):
         _plan(**ok, cp=2)
+    with pytest.raises(ValueError, match="has no chat template; --chat-template needs hf:DIR"):
+        _plan(**ok, chat_template=True)
     res = needle(["--checkpoint", ckpt, "--tokenizer-model", data["tok"], "--lengths", "4k", "--kind", "passkey",
                   "--out", tmp_path / "o"])
     assert res.returncode == 2 and "exceed the model's RoPE range" in res.stderr and not (tmp_path / "o").exists()
+
+
+# -- hf: tokenizers: resume from any folder, chat template --------------------------------------
+
+def _in(folder, args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "megatron_ext.eval.needle"] + [str(a) for a in args],
+                          capture_output=True, text=True, timeout=timeout, cwd=folder)
+
+
+def test_hf_tokenizer_resumes_from_another_folder_and_chat_template(ckpt, bpe_dir, tmp_path):
+    """The settings hold hf:/absolute/DIR, so the same sweep run from another working directory
+    (with another relative path to the same tokenizer) resumes instead of being refused."""
+    one, two = tmp_path / "a", tmp_path / "a" / "b"
+    two.mkdir(parents=True)
+    out = tmp_path / "out"
+    base = ["--checkpoint", ckpt, "--lengths", "128", "--depths", "0,100", "--kind", "passkey", "--out", out]
+    res = _in(one, base + ["--tokenizer-model", "hf:" + os.path.relpath(bpe_dir, one)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _in(two, base + ["--tokenizer-model", "hf:" + os.path.relpath(bpe_dir, two)])
+    assert res.returncode == 0 and "2 cells, 2 already finished" in res.stdout, res.stderr[-3000:]
+    stored = next(iter(cells(out).values()))
+    assert stored["settings"]["tokenizer"] == f"hf:{os.path.abspath(bpe_dir)}"
+
+    from data_tools.common import load_tokenizer
+
+    tok = load_tokenizer(f"hf:{bpe_dir}")
+    chat = tmp_path / "chat"
+    res = _in(two, base[:-1] + [chat, "--tokenizer-model", f"hf:{bpe_dir}", "--chat-template"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for cell in cells(chat).values():
+        assert len(cell["settings"]["chat_template"]) == 64  # its digest: another template will not resume
+        answer = tok.encode("<|im_start|>assistant\n" + cell["answer"])[-len(cell["answer_tokens"]):]
+        assert cell["answer_tokens"] == answer and cell["context_tokens"] <= 128 - 16
+    res = _in(two, base + ["--tokenizer-model", f"hf:{bpe_dir}", "--chat-template"])  # plain cells live here
+    assert res.returncode == 2 and "computed with other settings" in res.stderr and "chat_template" in res.stderr

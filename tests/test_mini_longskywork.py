@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from megatron_ext.experiments.mini_longskywork import report
 from megatron_ext.experiments.mini_longskywork.stages import ARMS, STAGES, needed
 from tests.test_train import REPO
@@ -79,9 +81,53 @@ def test_arms_share_stages_and_verdict_reads_the_numbers():
     assert len(needed(list(ARMS))) == len(STAGES) - 1 == 8  # no stage twice; the template arm adds one
     arms = {a: {"passkey": {"4096": 0.1}, "needle": {"4096": 0.1}, "synl": {"4096": 0.0}} for a in ARMS}
     arms["full"] = {"passkey": {"4096": 0.95}, "needle": {"4096": 0.9}, "synl": {"4096": 0.5}}
-    lines = report.verdict({"L0": 512, "L1": 4096, "arms": arms})
-    assert lines[0].startswith("The target") and " held: full 0.95" in lines[0]
-    assert any("SynL in the long SFT helped" in x for x in lines)
+    counts = {a: {"passkey": {"4096": 20}, "needle": {"4096": 20}, "synl": {"4096": 4}} for a in ARMS}
+    lines = report.verdict({"L0": 512, "L1": 4096, "arms": arms}, counts)
+    assert lines[0].startswith("The target") and " held: full 0.95 (20 cells)" in lines[0]
+    assert any("SynL in the long SFT helped" in x and "full 0.93 (40 cells) vs no-synl 0.10 (40 cells)" in x
+               for x in lines)
     assert lines[-1].endswith("agrees with the paper (synthetic long data helps).")
     arms["no-synl"] = arms["full"]
-    assert report.verdict({"L0": 512, "L1": 4096, "arms": arms})[-1].endswith("(synthetic data did not help).")
+    assert report.verdict({"L0": 512, "L1": 4096, "arms": arms}, counts)[-1].endswith("(synthetic data did not help).")
+
+
+def test_verdict_is_inconclusive_when_every_arm_is_at_the_floor():
+    """Issue #25 finding 6: every arm at 0.00 used to read 'agrees with ProLong'."""
+    arms = {a: {"passkey": {"768": 0.0}, "needle": {"768": 0.0}, "synl": {"768": 0.0}} for a in ARMS}
+    arms["no-cip"]["passkey"]["768"] = 0.1  # a stray hit stays under the floor
+    evals = {a: {"cells": [{"task": t, "length": 768} for t in ("passkey", "needle") for _ in range(10)]}
+             for a in ARMS}
+    counts = report.cell_counts(evals)
+    assert counts["full"] == {"passkey": {"768": 10}, "needle": {"768": 10}, "synl": {}}
+    lines = report.verdict({"L0": 384, "L1": 768, "arms": arms}, counts)
+    assert lines[0].startswith("Inconclusive: no arm clears the floor") and "no-cip 0.05 (20 cells)" in lines[0]
+    assert not any("agrees with" in x for x in lines)
+    assert lines[-1].startswith("On synthetic long SFT data this run is inconclusive")
+    assert any(x.startswith("SynL in the long SFT is inconclusive") and "(20 cells)" in x for x in lines)
+    arms["no-synl"]["passkey"]["768"] = arms["no-synl"]["needle"]["768"] = 0.5  # one arm clears: conclusive
+    lines = report.verdict({"L0": 384, "L1": 768, "arms": arms}, counts)
+    assert not lines[0].startswith("Inconclusive") and lines[-1].endswith("(synthetic data did not help).")
+    assert any(x.startswith("SynL in the long SFT hurt retrieval") for x in lines)
+
+
+def test_haystack_split_by_content_keeps_copies_on_one_side():
+    """Issue #25 finding 5: the same changelog under several packages sat on both sides of an index split."""
+    import json as _json
+
+    from megatron_ext.experiments.mini_longskywork.data import content_key, split_held_out
+
+    texts = [f"pkg{i} (1.{i}) unstable; urgency=low\n  * change {i}\n" for i in range(30)]
+    lines = [_json.dumps({"text": t}) for t in texts]
+    lines += [_json.dumps({"text": texts[i] + "  "}) for i in range(0, 30, 3)]  # copies (trailing space differs)
+    lines += [lines[0], lines[6], lines[12]]  # byte-identical copies
+    haystack, train, dropped = split_held_out(lines, 5)
+    held = {content_key(x) for x in haystack}
+    assert len(haystack) == len(held) == 5
+    assert not held & {content_key(x) for x in train}  # no text on both sides
+    assert len(train) + len(haystack) + dropped == len(lines) and dropped >= 1
+    assert train == [x for x in lines if content_key(x) not in held]  # input order
+    by_index = set(range(0, len(lines), len(lines) // 5)[:5])  # the old split: copies on both sides
+    rest = {content_key(x) for i, x in enumerate(lines) if i not in by_index}
+    assert {content_key(lines[i]) for i in by_index} & rest
+    with pytest.raises(RuntimeError, match="only 30 distinct documents .43 with copies"):
+        split_held_out(lines, 16)

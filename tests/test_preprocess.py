@@ -68,19 +68,30 @@ def test_int32_buffers_and_lists_flatten_to_the_same_bytes(tokenizer):
             assert fast[1] == lists[1] and sum(fast[1]) == len(fast[0])
 
 
-def test_sft_mask_marks_response_and_eod(tokenizer, sp, tmp_path):
-    rows = [{"prompt": "What is the river?", "response": "The harbour."},
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level-bpe"])
+def test_sft_mask_marks_response_and_eod(kind, tokenizer, bpe_dir, tmp_path):
+    """A record is tokenized as one text (prompt, the implied space, response); the mask
+    starts after the longest common token prefix with the prompt alone."""
+    from data_tools.common import load_tokenizer
+    from data_tools.segments import common_prefix
+
+    spec = tokenizer if kind == "sentencepiece" else f"hf:{bpe_dir}"
+    tok = load_tokenizer(spec)
+    rows = [{"prompt": "What is the pass key? The pass key is", "response": "51252"},
+            {"prompt": "Which river? ", "response": "The harbour."},
             {"messages": [{"role": "user", "content": "Say one word."}, {"role": "assistant", "content": "Lantern."}]}]
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    preprocess([str(path)], tmp_path / "sft", tokenizer, "--sft")
+    preprocess([str(path)], tmp_path / "sft", spec, "--sft")
     tokens, mask = IndexedDataset(str(tmp_path / "sft_text_document")), IndexedDataset(str(tmp_path / "sft_loss_mask_document"))
-    p, r = sp.encode(rows[0]["prompt"]), sp.encode(rows[0]["response"])
-    assert tokens[0].tolist() == p + r + [sp.eos_id()]
-    assert mask[0].tolist() == [0] * len(p) + [1] * len(r) + [1]
-    parts = [("user: ", 0), ("Say one word.\n", 0), ("assistant: ", 0), ("Lantern.\n", 1)]
-    want = [m for text, m in parts for _ in sp.encode(text)] + [1]
-    assert mask[1].tolist() == want and len(tokens[1]) == len(want)
+    wholes = [(rows[0]["prompt"], rows[0]["prompt"] + " 51252"), (rows[1]["prompt"], rows[1]["prompt"] + "The harbour."),
+              ("user: Say one word.\nassistant: ", "user: Say one word.\nassistant: Lantern.\n")]
+    for i, (prompt, whole) in enumerate(wholes):
+        full = tok.encode(whole)
+        cut = common_prefix(full, tok.encode(prompt))
+        assert tokens[i].tolist() == full + [tok.eos_id()]
+        assert mask[i].tolist() == [0] * cut + [1] * (len(full) - cut) + [1]
+        assert "".join(tok.decode(full[cut:]).split()) == "".join(whole[len(prompt):].split())
 
 
 BAD_LINES = {

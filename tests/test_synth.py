@@ -123,6 +123,21 @@ def test_needle_at_depth_within_length(kind, corpus, tokenizer, sp, tmp_path):
         assert abs(at / len(body) - meta["depth"] / 100) < 0.1
 
 
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level-bpe"])
+def test_needle_sft_samples_fit_with_their_answer(kind, tokenizer, bpe_dir, tmp_path):
+    """The whole sample, tokenized as preprocess --sft does (prompt + ' ' + answer), fits its length."""
+    from data_tools.common import load_tokenizer
+
+    spec = tokenizer if kind == "sentencepiece" else f"hf:{bpe_dir}"
+    tok, out = load_tokenizer(spec), tmp_path / "p.jsonl"
+    synth("needle", "--output", str(out), "--lengths", "200,300", "--depths", "0:100:50", "--tokenizer-model", spec,
+          "--kind", "passkey")
+    for s in read(out):
+        whole = len(tok.encode(s["prompt"] + " " + s["response"]))
+        assert s["meta"]["sample_tokens"] == whole <= s["meta"]["length"] and whole >= s["meta"]["length"] - 12
+        assert s["meta"]["n_tokens"] == len(tok.encode(s["prompt"])) < whole
+
+
 def test_cli_errors_are_clear(tokenizer, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"title": "no text"}\n')

@@ -67,7 +67,7 @@ def run_needle(args, out: JsonlWriter) -> str:
     with progress(total=len(lengths) * len(depths), unit="sample", desc=args.kind) as bar:
         for length in lengths:
             for depth in depths:
-                out.write(needle_sample(haystack, args.kind, length, depth, count, rng))
+                out.write(needle_sample(haystack, args.kind, length, depth, count, rng, fit_response=True))
                 bar.update(1)
     return f"{out.count} {args.kind} samples ({len(lengths)} lengths x {len(depths)} depths)"
 

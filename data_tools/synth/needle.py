@@ -4,7 +4,10 @@
 a sentence boundary at a depth percentage, the question after it. ``passkey``:
 the usual repeated filler with "The pass key is N." as the needle. Each
 sample: ``{"prompt", "response", "meta": {"task", "length", "depth", "needle",
-"answer", "n_tokens"}}``, and the prompt fits ``length`` tokens.
+"answer", "n_tokens"}}``, and the prompt fits ``length`` tokens; with
+``fit_response`` (the SFT data of ``synth needle``) the whole sample does, as
+``preprocess --sft`` tokenizes it: prompt + implied separator + response
+(:mod:`data_tools.segments`), counted in ``meta["sample_tokens"]``.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import re
 from typing import List, Tuple
 
 from ..common import iter_texts
+from ..segments import implied_separator
 from .fit import largest_fitting
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -50,9 +54,12 @@ def make_prompt(context: str, question: str) -> str:
     return f"{context.strip()}\n\n{question}"
 
 
-def needle_sample(haystack: str, kind: str, length: int, depth: float, count_tokens, rng: random.Random) -> dict:
-    """One sample of at most ``length`` tokens, as much haystack as fits."""
+def needle_sample(haystack: str, kind: str, length: int, depth: float, count_tokens, rng: random.Random,
+                  fit_response: bool = False) -> dict:
+    """One sample of at most ``length`` tokens (the prompt; with ``fit_response`` the prompt,
+    its implied separator and the response, tokenized as one text), as much haystack as fits."""
     needle, question, ans = needle_for(kind, rng)
+    whole = lambda p: p + implied_separator(p, ans) + ans  # noqa: E731 - what preprocess --sft tokenizes
     source = haystack if kind == "needle" else PASSKEY_FILLER
     reps = 1 + (length * 8) // max(1, len(source))  # enough text: > 8 chars per token is rare
     text = (source * reps) if kind == "passkey" or len(source) < length * 8 else source
@@ -60,10 +67,13 @@ def needle_sample(haystack: str, kind: str, length: int, depth: float, count_tok
     def build(n_chars: int) -> str:
         return make_prompt(insert_at_depth(text[:n_chars], needle, depth), question)
 
-    n, prompt, tokens = largest_fitting(build, count_tokens, 0, len(text), length, guess=length * 3)
-    return {"prompt": prompt, "response": ans,
-            "meta": {"task": kind, "length": length, "depth": depth, "needle": needle, "answer": ans, "n_tokens": tokens,
-                     "haystack_chars": n}}
+    counter = (lambda p: count_tokens(whole(p))) if fit_response else count_tokens
+    n, prompt, tokens = largest_fitting(build, counter, 0, len(text), length, guess=length * 3)
+    meta = {"task": kind, "length": length, "depth": depth, "needle": needle, "answer": ans,
+            "n_tokens": count_tokens(prompt) if fit_response else tokens, "haystack_chars": n}
+    if fit_response:
+        meta["sample_tokens"] = tokens
+    return {"prompt": prompt, "response": ans, "meta": meta}
 
 
 def parse_depths(text: str) -> List[float]:

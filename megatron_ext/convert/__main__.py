@@ -6,6 +6,7 @@ tensors, no weights) prints one line and exits 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .hf_config import ConversionError
@@ -20,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="save_dir to create (step-0 and config.yaml go here)")
     imp.add_argument("--dtype", choices=("fp32", "bf16"), default="",
                      help="training precision written to config.yaml (default auto); weights are stored in fp32")
-    exp = sub.add_parser("export-hf", help="SAVE_DIR (or step folder) -> HF folder (config.json + model.safetensors)")
+    exp = sub.add_parser("export-hf", help="SAVE_DIR (or step folder) -> HF folder (config.json, model.safetensors, "
+                                           "tokenizer files, chat template, generation_config.json)")
     exp.add_argument("--checkpoint", required=True, help="save_dir (newest complete step) or step-N folder")
     exp.add_argument("--out", required=True, help="HF folder to write")
     exp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the written tensors")
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
             print(f"imported {args.hf_dir} -> {step} (config: {args.out}/config.yaml)")
         else:
             arch = export_hf(args.checkpoint, args.out, args.dtype)
-            print(f"exported {args.checkpoint} -> {args.out} ({arch}, config.json + model.safetensors)")
+            print(f"exported {args.checkpoint} -> {args.out} ({arch}: {', '.join(sorted(os.listdir(args.out)))})")
     except (ConversionError, FileNotFoundError, ValueError) as e:  # bad input; a bug raises something else
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 
 import torch
 import yaml
@@ -11,13 +10,13 @@ import yaml
 from data_tools.common import atomic_write
 from ..train.config import CheckpointConfig, to_dict
 from .hf_config import ConversionError, architecture, hf_config_from_train, train_config_from_hf
+from .hf_files import token_ids, tokenizer_source, write_tokenizer_files
 from .io import open_tensors, read_hf_config, write_hf_folder
 from .runtime import (build_fp32_model, existing_checkpoints, load_model_weights, read_checkpoint,
                       save_model_checkpoint, single_process)
 from .weights import check_tensors, expected_hf_shapes, hf_to_mcore, mcore_to_hf
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 def import_hf(hf_dir: str, out: str, dtype: str = "") -> str:
@@ -55,21 +54,21 @@ def import_hf(hf_dir: str, out: str, dtype: str = "") -> str:
 
 
 def export_hf(checkpoint: str, out: str, dtype: str = "fp32") -> str:
-    """Write ``out/config.json`` and ``out/model.safetensors`` (``dtype`` fp32|bf16) for the
-    checkpoint at ``checkpoint``; copies the HF tokenizer files the config names. Returns
+    """Write ``out/config.json`` (with bos/eos/pad ids) and ``out/model.safetensors`` (``dtype``
+    fp32|bf16) for the checkpoint at ``checkpoint``, plus every tokenizer file, the chat template
+    and generation_config.json of the tokenizer the config names (:mod:`.hf_files`). Returns
     the architecture written."""
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     cfg, vocab, step = read_checkpoint(checkpoint)
-    hf = hf_config_from_train(cfg, vocab, {"fp32": "float32", "bf16": "bfloat16"}[dtype])
+    source = tokenizer_source(cfg.data.tokenizer_model)
+    ids = token_ids(cfg.data.tokenizer_model, source) if source else {}
+    hf = {**hf_config_from_train(cfg, vocab, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), **ids}
     with single_process():
         model = build_fp32_model(cfg, vocab)
         load_model_weights(step, model)
         tensors = mcore_to_hf(dict(model.named_parameters()), dataclasses.replace(cfg.model, vocab_size=vocab))
     write_hf_folder(out, hf, {k: v.to(DTYPES[dtype]) for k, v in tensors.items()})
-    source = cfg.data.tokenizer_model
-    if source.startswith("hf:"):
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(source[3:], name)):
-                shutil.copyfile(os.path.join(source[3:], name), os.path.join(out, name))
+    if source:
+        write_tokenizer_files(source, out, ids)
     return architecture(hf, out)

@@ -18,7 +18,17 @@ from ..train.config import ParallelConfig, TrainConfig
 @contextlib.contextmanager
 def single_process():
     """A 1-rank gloo group and parallel_state (TP = CP = 1) for the block, unless they
-    exist already; what this created is torn down on exit."""
+    exist already; what this created is torn down on exit. The caller's torch RNG
+    state is restored on exit (the model builder seeds torch)."""
+    with process_group():
+        with torch.random.fork_rng(devices=[]):
+            yield
+
+
+@contextlib.contextmanager
+def process_group():
+    """:func:`single_process` without the RNG fork: for a model that outlives one call
+    (:class:`~megatron_ext.convert.logits.LogitsModel` holds it open)."""
     from ..train.model import init_model_parallel
 
     created_group = not dist.is_initialized()
@@ -32,8 +42,7 @@ def single_process():
     try:
         if created_state:
             init_model_parallel(TrainConfig())
-        with torch.random.fork_rng(devices=[]):  # the builder seeds torch; leave the caller's generator alone
-            yield
+        yield
     finally:
         if created_state:
             parallel_state.destroy_model_parallel()

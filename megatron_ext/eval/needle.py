@@ -3,7 +3,7 @@
     torchrun --nproc-per-node N -m megatron_ext.eval.needle --checkpoint DIR --tokenizer-model M \\
         --lengths 1k,2k,4k,...,200k --depths 0:100:10 --out RESULTS_DIR [--cp N] \\
         [--haystack docs.jsonl ...] [--kind needle|passkey] [--seed S] [--cp-comm-type p2p] \\
-        [--rope-scaling yarn --rope-factor F]
+        [--rope-scaling yarn --rope-factor F] [--chat-template]
 
 Each (length, depth) cell is one prompt from ``data_tools.synth needle`` (the
 prompt is at most length - 16 tokens, leaving room for the answer), run once
@@ -12,6 +12,12 @@ exact match plus the answer's mean log-prob (no judge model). Rank 0 writes
 RESULTS_DIR/cells/*.json as cells finish, then summary.csv, heatmap.png and, for
 passkey, passkey_accuracy.{md,png}. Run again with the same flags to resume:
 finished cells are skipped. Scores do not depend on the CP size.
+
+The answer is scored as the suffix of tokenize(prompt + separator + answer)
+after the prompt (data_tools.segments), right for sentencepiece and byte-level
+BPE alike. ``--chat-template`` wraps the prompt in the tokenizer's own chat
+template (one user turn, then the assistant turn's opening; hf:DIR tokenizers)
+and scores the answer right after the assistant turn starts.
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ from typing import List
 import torch.distributed as dist
 
 from data_tools.common import DataError, parse_int_list
+from data_tools.segments import encode_pair
 from data_tools.synth.needle import needle_sample, parse_depths, read_haystack
+from data_tools.tokenizing import canonical_spec
 
 from ..rope import RopeConfig
 from . import results
@@ -75,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extend the checkpoint's RoPE at evaluation time (with --rope-factor)")
     ap.add_argument("--rope-factor", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="needle values and placement")
+    ap.add_argument("--chat-template", action="store_true",
+                    help="wrap each prompt in the tokenizer's chat template as one user turn (hf:DIR with a "
+                         "chat template); the answer is scored where the assistant turn starts")
     return ap
 
 
@@ -97,26 +108,42 @@ def make_plan(args) -> Plan:
             raise FileNotFoundError(f"--haystack {path}: no such file")
     haystack = read_haystack(args.haystack)
     info = read_checkpoint(args.checkpoint)
-    check_tokenizer(args.tokenizer_model, info)
+    tok = check_tokenizer(args.tokenizer_model, info)
+    template = tok.chat_template_digest() if args.chat_template else None  # raises if it has none
     rope, _ = eval_rope(info.config, lengths, args.rope_scaling, args.rope_factor)
+    # Paths are absolute (hf:DIR too): the same command from another folder resumes.
     settings = {"checkpoint": os.path.abspath(info.path), "iteration": info.iteration, "kind": args.kind,
                 "seed": args.seed, "haystack": [os.path.abspath(p) for p in args.haystack],
-                "tokenizer": os.path.abspath(args.tokenizer_model), "rope_scaling": args.rope_scaling,
+                "tokenizer": canonical_spec(args.tokenizer_model), "rope_scaling": args.rope_scaling,
                 "rope_factor": args.rope_factor}
+    if template:
+        settings["chat_template"] = template
     return Plan(args, info, sorted(set(lengths)), sorted(set(depths)), rope, cp, settings, haystack)
 
 
 def make_cell(plan: Plan, sp, length: int, depth: float) -> dict:
     """The cell's prompt and answer tokens; the same on every run (seeded by the cell)."""
-    return cell_prompt(plan.haystack, plan.args.kind, plan.args.seed, sp, length, depth)
+    return cell_prompt(plan.haystack, plan.args.kind, plan.args.seed, sp, length, depth, plan.args.chat_template)
 
 
-def cell_prompt(haystack: str, kind: str, seed: int, sp, length: int, depth: float) -> dict:
+def cell_prompt(haystack: str, kind: str, seed: int, sp, length: int, depth: float, chat: bool = False) -> dict:
     """One passkey/needle prompt of at most ``length - ANSWER_BUDGET`` tokens: {"sample",
-    "prompt_ids", "answer_ids"}; seeded by (seed, kind, length, depth)."""
+    "prompt_ids", "answer_ids"}; seeded by (seed, kind, length, depth). ``prompt_ids +
+    answer_ids`` is exactly the tokenization of the whole text (the suffix rule); ``chat``
+    renders the prompt as a user turn with the tokenizer's chat template first."""
     rng = random.Random(f"{seed}:{kind}:{length}:{depth}")
-    sample = needle_sample(haystack, kind, length - ANSWER_BUDGET, depth, lambda text: len(sp.encode(text)), rng)
-    return {"sample": sample, "prompt_ids": sp.encode(sample["prompt"]), "answer_ids": sp.encode(sample["response"])}
+    wrap = sp.chat_prompt if chat else (lambda text: text)
+    sample = needle_sample(haystack, kind, length - ANSWER_BUDGET, depth, lambda text: len(sp.encode(wrap(text))),
+                           rng)
+    return prompt_and_answer(sp, sample, wrap)
+
+
+def prompt_and_answer(sp, sample: dict, wrap=None) -> dict:
+    """{"sample", "prompt_ids", "answer_ids"} for a {"prompt", "response"} sample, by the suffix
+    rule (data_tools.segments.encode_pair); ``wrap`` renders the prompt text first."""
+    prompt = wrap(sample["prompt"]) if wrap else sample["prompt"]
+    prompt_ids, answer_ids = encode_pair(sp, prompt, sample["response"])
+    return {"sample": sample, "prompt_ids": prompt_ids, "answer_ids": answer_ids}
 
 
 def _from_rank0(fn):

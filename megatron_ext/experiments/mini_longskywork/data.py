@@ -1,16 +1,19 @@
 """The experiment's data, built with the real tools (data_tools CLIs), each product once.
 
 Training documents and the needle haystack are disjoint slices of one corpus (the
-demo's: Debian changelogs, or Python's docs on a slim image). The passkey filler,
+demo's: Debian changelogs, or Python's docs on a slim image), split by content:
+Debian ships one changelog under several packages, so the split is over distinct
+texts and no text is on both sides. The passkey filler,
 the needle sentence and the evaluation questions never appear in any training file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from data_tools.common import atomic_write
 
@@ -26,20 +29,43 @@ def tool(*args: str) -> str:
     return res.stdout
 
 
+def content_key(line: str) -> str:
+    """sha256 of a JSONL document's text with runs of whitespace collapsed: copies of one text
+    (one changelog shipped by several packages) share it."""
+    text = " ".join(json.loads(line)["text"].split())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def split_held_out(lines: List[str], n_held: int) -> Tuple[List[str], List[str], int]:
+    """(held-out haystack, training documents, copies dropped from the haystack) from JSONL lines.
+
+    The split is over distinct contents (:func:`content_key`), every k-th in first-seen order
+    so the haystack is not one package family: a held-out content keeps one copy in the
+    haystack and none in training. Raises RuntimeError with fewer than 2 x ``n_held`` contents."""
+    groups: Dict[str, List[int]] = {}
+    for i, line in enumerate(lines):
+        groups.setdefault(content_key(line), []).append(i)
+    distinct = list(groups)
+    if len(distinct) < 2 * n_held:
+        raise RuntimeError(f"only {len(distinct)} distinct documents ({len(lines)} with copies); the experiment "
+                           f"needs more than {2 * n_held} (train + held-out haystack)")
+    step = max(2, len(distinct) // n_held)
+    held = distinct[::step][:n_held]
+    held_set = set(held)
+    haystack = [lines[groups[k][0]] for k in held]
+    train = [lines[i] for i in sorted(i for k in distinct if k not in held_set for i in groups[k])]  # input order
+    return haystack, train, sum(len(groups[k]) - 1 for k in held)
+
+
 def _split_corpus(cfg: ExperimentConfig, root: str) -> str:
     """docs.jsonl (training) and haystack.jsonl (held out); returns what the corpus is."""
     every = f"{root}/corpus.jsonl"
     what = corpus(every, max_docs=cfg.train_docs + cfg.haystack_docs)
-    lines = open(every).read().splitlines()
-    if len(lines) < 2 * cfg.haystack_docs:
-        raise RuntimeError(f"{every}: only {len(lines)} documents; the experiment needs more than "
-                           f"{2 * cfg.haystack_docs} (train + held-out haystack)")
-    # the haystack is every k-th document, so it is not one package family
-    step = max(2, len(lines) // cfg.haystack_docs)
-    held = set(range(0, len(lines), step)[:cfg.haystack_docs])
-    atomic_write(f"{root}/haystack.jsonl", ("\n".join(lines[i] for i in sorted(held)) + "\n").encode())
-    atomic_write(f"{root}/docs.jsonl", ("\n".join(x for i, x in enumerate(lines) if i not in held) + "\n").encode())
-    return f"{what}: {len(lines) - len(held)} for training, {len(held)} held out as the needle haystack"
+    haystack, train, dropped = split_held_out(open(every).read().splitlines(), cfg.haystack_docs)
+    atomic_write(f"{root}/haystack.jsonl", ("\n".join(haystack) + "\n").encode())
+    atomic_write(f"{root}/docs.jsonl", ("\n".join(train) + "\n").encode())
+    return (f"{what}: {len(train)} for training, {len(haystack)} held out as the needle haystack (split by "
+            f"content hash: no text on both sides; {dropped} duplicate copies of held-out texts dropped)")
 
 
 def _synl(tok: str, out: str, n: int, target: int, seed: int) -> None:

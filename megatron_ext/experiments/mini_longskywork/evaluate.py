@@ -17,7 +17,7 @@ from data_tools.synth.needle import parse_depths, read_haystack
 from data_tools.synth.synl import SynlConfig, synl_sample
 
 from ...eval.model import load_model, read_checkpoint
-from ...eval.needle import ANSWER_BUDGET, cell_prompt
+from ...eval.needle import ANSWER_BUDGET, cell_prompt, prompt_and_answer
 from ...eval.scoring import score_answer
 from ...rope import RopeConfig
 from .config import ExperimentConfig
@@ -28,10 +28,11 @@ SYNL_SEED = "mini-heldout-synl"
 
 
 def synl_prompt(sp, length: int, index: int) -> dict:
-    """A held-out SynL question whose prompt fits ``length - ANSWER_BUDGET`` tokens."""
+    """A held-out SynL question whose prompt fits ``length - ANSWER_BUDGET`` tokens; the answer's
+    tokens are the suffix of the whole text's tokens (data_tools.segments)."""
     rng = random.Random(f"{SYNL_SEED}:{length}:{index}")
     sample = synl_sample(lambda text: len(sp.encode(text)), SynlConfig(length - ANSWER_BUDGET), rng)
-    return {"sample": sample, "prompt_ids": sp.encode(sample["prompt"]), "answer_ids": sp.encode(sample["response"])}
+    return prompt_and_answer(sp, sample)
 
 
 def _cells(cfg: ExperimentConfig, sp, haystack: str, log) -> List[dict]:

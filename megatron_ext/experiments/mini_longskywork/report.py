@@ -22,6 +22,11 @@ def results_json(cfg: ExperimentConfig, evals: Dict[str, dict]) -> dict:
             "arms": {arm: {task: dict(ev[task]) for task in TASKS} for arm, ev in evals.items() if arm in ARMS}}
 
 
+FLOOR = 0.1
+"""Mean passkey+needle accuracy at or below which an arm has shown no retrieval: comparing two
+such arms says nothing about the recipes (a copier that never copies scores 0 everywhere)."""
+
+
 def _mean(values: List[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -32,31 +37,63 @@ def _retrieval(res: dict, arm: str) -> float:
     return _mean([v for t in RETRIEVAL for v in a.get(t, {}).values()])
 
 
-def verdict(res: dict) -> List[str]:
-    """Plain statements of what held and what did not, from the numbers alone."""
+def cell_counts(evals: Dict[str, dict]) -> Dict[str, Dict[str, Dict[str, int]]]:
+    """{arm: {task: {"length": number of cells}}}: how many cells each accuracy is the mean of."""
+    out: Dict[str, Dict[str, Dict[str, int]]] = {}
+    for arm, ev in evals.items():
+        per = out.setdefault(arm, {task: {} for task in TASKS})
+        for c in ev["cells"]:
+            key = str(c["length"])
+            per[c["task"]][key] = per[c["task"]].get(key, 0) + 1
+    return out
+
+
+def _n(counts: dict, arm: str, tasks=RETRIEVAL, length: str = "") -> int:
+    """Cells behind an arm's figure (one length, or every length)."""
+    per = counts.get(arm, {})
+    return sum(n for t in tasks for k, n in per.get(t, {}).items() if not length or k == length)
+
+
+def verdict(res: dict, counts: dict) -> List[str]:
+    """Plain statements of what held and what did not, from the numbers alone, each figure with
+    the number of cells behind it (``counts``: :func:`cell_counts`). Inconclusive when no arm
+    clears the floor (mean passkey+needle accuracy > FLOOR)."""
     arms = res["arms"]
     lengths = {n for a in arms.values() for n in a["passkey"]}
     l1 = str(res["L1"]) if str(res["L1"]) in lengths else max(lengths, key=int)  # toy runs stop short of L1
     pk = {arm: a["passkey"][l1] for arm, a in arms.items()}
+    fig = lambda arm: f"{arm} {_retrieval(res, arm):.2f} ({_n(counts, arm)} cells)"  # noqa: E731
+    cleared = [arm for arm in arms if _retrieval(res, arm) > FLOOR]
     out = []
+    if not cleared:
+        best = max(arms, key=lambda a: _retrieval(res, a))
+        out.append(f"Inconclusive: no arm clears the floor (mean passkey+needle accuracy > {FLOOR:.2f}); best "
+                   f"{fig(best)}. The comparisons below cannot tell the recipes apart.")
     if {"full", "base", "no-long-sft"} <= set(pk):
         hit = pk["full"] >= 0.9 and pk["base"] <= 0.3 and pk["no-long-sft"] <= 0.3
         out.append(f"The target (full >= 0.9 passkey at {l1} tokens; base and no-long-sft <= 0.3) "
-                   f"{'held' if hit else 'did not hold'}: full {pk['full']:.2f}, base {pk['base']:.2f}, "
-                   f"no-long-sft {pk['no-long-sft']:.2f}.")
+                   f"{'held' if hit else 'did not hold'}: " + ", ".join(
+                       f"{a} {pk[a]:.2f} ({_n(counts, a, ('passkey',), l1)} cells)"
+                       for a in ("full", "base", "no-long-sft")) + ".")
     pairs = [("no-long-sft", "the 200-iteration long SFT"), ("no-synl", "SynL in the long SFT"),
              ("no-cip", "CIP (against plain concatenation) in continual pretraining"),
              ("cpt-only", "SFT and long SFT after continual pretraining")]
     for arm, what in pairs:
         if arm in arms and "full" in arms:
             d = _retrieval(res, "full") - _retrieval(res, arm)
-            word = "helped" if d > 0.05 else "hurt" if d < -0.05 else "made no clear difference to"
-            out.append(f"{what[0].upper() + what[1:]} {word} retrieval: mean passkey+needle accuracy over all "
-                       f"lengths, full {_retrieval(res, 'full'):.2f} vs {arm} {_retrieval(res, arm):.2f}.")
+            word = ("is inconclusive for retrieval (both arms at the floor)" if not {"full", arm} & set(cleared) else
+                    "helped retrieval" if d > 0.05 else "hurt retrieval" if d < -0.05 else
+                    "made no clear difference to retrieval")
+            out.append(f"{what[0].upper() + what[1:]} {word}: mean passkey+needle accuracy over all lengths, "
+                       f"{fig('full')} vs {fig(arm)}.")
     if "no-synl" in arms and "full" in arms:
         d = _retrieval(res, "full") - _retrieval(res, "no-synl")
-        side = "the paper (synthetic long data helps)" if d > 0.05 else "ProLong (synthetic data did not help)"
-        out.append(f"On synthetic long SFT data this run agrees with {side}.")
+        if not {"full", "no-synl"} & set(cleared):
+            out.append("On synthetic long SFT data this run is inconclusive: neither full nor no-synl clears the "
+                       "floor, so it can agree with neither the paper nor ProLong.")
+        else:
+            side = "the paper (synthetic long data helps)" if d > 0.05 else "ProLong (synthetic data did not help)"
+            out.append(f"On synthetic long SFT data this run agrees with {side}.")
     return out
 
 
@@ -88,11 +125,14 @@ def _heatmaps(evals: Dict[str, dict], out: str) -> Dict[str, List[str]]:
 
 
 def _table(evals: Dict[str, dict], lengths: List[int]) -> List[str]:
-    """Accuracy per arm, task and length."""
-    lines = ["| arm | stage | task | " + " | ".join(str(n) for n in lengths) + " |", "|" + "---|" * (3 + len(lengths))]
+    """Accuracy per arm, task and length, with the number of cells behind it."""
+    counts = cell_counts(evals)
+    lines = ["| arm | stage | task | " + " | ".join(f"{n} (cells)" for n in lengths) + " |",
+             "|" + "---|" * (3 + len(lengths))]
     for arm, ev in evals.items():
         for task in TASKS:
-            cells = [f"{ev[task][str(n)]:.2f}" if str(n) in ev[task] else "n/a" for n in lengths]
+            cells = [f"{ev[task][str(n)]:.2f} ({counts[arm][task].get(str(n), 0)})" if str(n) in ev[task] else "n/a"
+                     for n in lengths]
             lines.append(f"| {arm} | {ALL_ARMS[arm]} | {task} | " + " | ".join(cells) + " |")
     return lines
 
@@ -123,7 +163,7 @@ def write(cfg: ExperimentConfig, out: str, stage_recs: List[dict], evals: Dict[s
     lines += _table(main, cfg.eval_lengths)
     lines += ["", "Mean log-prob per answer token (higher is better; exact match needs every token):", ""]
     lines += _logprob_table(main, cfg.eval_lengths)
-    lines += ["", "## What held and what did not", ""] + [f"- {s}" for s in verdict(res)]
+    lines += ["", "## What held and what did not", ""] + [f"- {s}" for s in verdict(res, cell_counts(main))]
     if diag:
         lines += ["", "## Diagnostic arm: TRAINS ON THE EVALUATION'S TEMPLATE", "",
                   "Long SFT from the same SFT weights on the full arm's data plus passkey and needle samples made "
