@@ -133,9 +133,9 @@ def _peak_in_window(prof, window: str) -> float:
     return float(peak)
 
 
-def _trainer(cfg):
+def _trainer(cfg, vocab: int = VOCAB):
     """A Trainer built by the same calls as Trainer.__init__, minus the tokenizer and
-    data (the bench feeds random tokens)."""
+    data (the bench feeds random tokens of a ``vocab``-token vocabulary)."""
     import torch.distributed as dist
     from megatron.core.distributed import finalize_model_grads
 
@@ -145,10 +145,10 @@ def _trainer(cfg):
     from megatron_ext.train.optim import build_optimizer
 
     t = Trainer.__new__(Trainer)
-    t.cfg, t.vocab_size, t.state = cfg, VOCAB, RunState()
+    t.cfg, t.vocab_size, t.state = cfg, vocab, RunState()
     t.sizes = validate(cfg, dist.get_world_size())
     t.ps = init_model_parallel(cfg)
-    model, t.bf16 = build_model(cfg, VOCAB)
+    model, t.bf16 = build_model(cfg, vocab)
     t.model = [wrap_model(cfg, model)]
     t.optimizer, t.scheduler = build_optimizer(cfg, t.model)
     model.config.no_sync_func = t.model[0].no_sync

@@ -20,7 +20,7 @@ import tempfile
 from data_tools.common import atomic_write
 from data_tools.quiet import add_output_flags, quiet_cli
 
-from .render import JobSpec, TEMPLATES, render
+from .render import JobSpec, TEMPLATES, job_grace, render
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -49,6 +49,9 @@ def _add_common(p: argparse.ArgumentParser, template_choice: bool) -> None:
     p.add_argument("--python", default=sys.executable, help="interpreter on the nodes")
     p.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override")
+    p.add_argument("--gpu", default="H100", help="GPU type the planner times an iteration on (stop grace period)")
+    p.add_argument("--ckpt-write-gib-s", type=float, default=0.0,
+                   help="checkpoint write bandwidth per node, GiB/s (stop grace period; default: the planner's)")
 
 
 def _spec(args, template: str) -> JobSpec:
@@ -56,7 +59,8 @@ def _spec(args, template: str) -> JobSpec:
                    nproc_per_node=args.nproc_per_node, device=args.device, job_name=args.job_name,
                    partition=args.partition, time=args.time, account=args.account, log_dir=args.log_dir,
                    image=args.image, sets=args.set, python=args.python, repo=args.repo,
-                   runtime=getattr(args, "runtime", ""), max_restarts=args.max_restarts)
+                   runtime=getattr(args, "runtime", ""), max_restarts=args.max_restarts, gpu=args.gpu,
+                   ckpt_write_gib_s=args.ckpt_write_gib_s)
 
 
 def main(argv=None) -> int:
@@ -77,7 +81,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     template = args.template if args.command == "render" else "slurm"
     try:
-        text = render(_spec(args, template))
+        spec = _spec(args, template)
+        text = render(spec)
+        print(f"launch {args.command}: stop grace period {job_grace(spec).why}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
         print(f"launch {args.command}: {e}", file=sys.stderr)
         return 2

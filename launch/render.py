@@ -62,6 +62,10 @@ class JobSpec:
     """Interpreter on the nodes."""
     repo: str = os.path.dirname(HERE)
     """megatron-ext checkout on the nodes."""
+    gpu: str = "H100"
+    """GPU type the planner times the iteration on (grace period)."""
+    ckpt_write_gib_s: float = 0.0
+    """Checkpoint write bandwidth per node, GiB/s (0: the planner's default); sizes the grace period."""
 
 
 def _safe_name(text: str, k8s: bool = False) -> str:
@@ -101,12 +105,40 @@ def check_layout(spec: JobSpec) -> dict:
     return validate(cfg, world)
 
 
+def job_grace(spec: JobSpec):
+    """launch.grace.Grace of ``spec``: the stop signal's lead time from the planned iteration
+    and save time; ValueError if it does not leave time to train within ``spec.time``."""
+    from megatron_ext.train.config import load_config
+
+    from .grace import grace_period
+
+    nproc = spec.nproc_per_node or spec.gpus_per_node
+    grace = grace_period(load_config(spec.config, spec.sets), spec.nodes * nproc, nproc, spec.device, spec.gpu,
+                         spec.ckpt_write_gib_s)
+    limit = _slurm_seconds(spec.time)
+    if grace.seconds >= limit:
+        raise ValueError(f"--time {spec.time} ({limit} s) is not longer than the stop grace period: {grace.why}")
+    return grace
+
+
+def _slurm_seconds(text: str) -> int:
+    """Seconds of a SLURM time limit (MM, MM:SS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS)."""
+    days, sep, rest = text.partition("-") if "-" in text else ("0", "", text)
+    parts = [int(x) for x in rest.split(":")]
+    if sep:
+        h, m, sec = (parts + [0, 0])[:3]
+    else:
+        h, m, sec = ([0, parts[0], 0], [0] + parts, parts)[len(parts) - 1]
+    return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+
+
 def render(spec: JobSpec) -> str:
     """The job file's text; raises ValueError on a bad layout."""
     check_layout(spec)
+    grace = job_grace(spec)
     nproc = spec.nproc_per_node or spec.gpus_per_node
     if spec.template == "k8s":
-        return _render_k8s(spec, nproc)
+        return _render_k8s(spec, nproc, grace.seconds)
     if spec.template == "trainjob":
         from .trainjob import render_trainjob
 
@@ -125,6 +157,7 @@ def render(spec: JobSpec) -> str:
         "account_directive": f"#SBATCH --account={_checked(spec.account, r'[A-Za-z0-9_.-]+', 'account')}\n"
         if spec.account else "",
         "nccl_env": "".join(f"export {v}\n" for v in NCCL_DEFAULTS) if spec.device == "cuda" else "",
+        "signal_lead_s": grace.seconds, "grace_why": grace.why,
     }
     with open(os.path.join(HERE, TEMPLATES[spec.template])) as f:
         return string.Template(f.read()).substitute(values)
@@ -140,7 +173,7 @@ def _safe_path(path: str) -> str:
     return _checked(path, r"[A-Za-z0-9_./%-]+", "log dir")
 
 
-def _render_k8s(spec: JobSpec, nproc: int) -> str:
+def _render_k8s(spec: JobSpec, nproc: int, grace_s: int) -> str:
     with open(os.path.join(HERE, TEMPLATES["k8s"])) as f:
         text = f.read()
     header = "".join(line for line in text.splitlines(True) if line.startswith("#"))
@@ -156,6 +189,8 @@ def _render_k8s(spec: JobSpec, nproc: int) -> str:
     container["command"] = ["torchrun", "--nproc-per-node", str(nproc), "-m", "megatron_ext.train", "--config",
                             spec.config] + [a for s in spec.sets for a in ("--set", s)]
     container["workingDir"] = spec.repo
+    # SIGTERM, then this long to finish the iteration and save (launch.grace)
+    master["template"]["spec"]["terminationGracePeriodSeconds"] = grace_s
     if spec.device == "cuda":
         container["resources"] = {"limits": {"nvidia.com/gpu": spec.gpus_per_node}}
     workers = doc["spec"]["pytorchReplicaSpecs"]["Worker"]

@@ -23,7 +23,7 @@ def render(*args, check=True):
 def test_slurm_script_structure():
     text = render("--template", "slurm", "--config", PAPER, "--nodes", "8", "--gpus-per-node", "8",
                   "--partition", "gpu", "--account", "proj", "--time", "12:00:00").stdout
-    for want in ("#SBATCH --nodes=8", "#SBATCH --gpus-per-node=8", "#SBATCH --signal=B:SIGTERM@120",
+    for want in ("#SBATCH --nodes=8", "#SBATCH --gpus-per-node=8", "#SBATCH --signal=B:SIGTERM@",
                  "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --time=12:00:00",
                  "scontrol show hostnames", "--rdzv-backend c10d", '--nnodes "$SLURM_NNODES"', "NPROC_PER_NODE=8",
                  "PYTHONFAULTHANDLER=1", "NCCL_ASYNC_ERROR_HANDLING=1", "-m megatron_ext.train", "%x-%j-%N.log",

@@ -2,11 +2,12 @@
 
     python -m megatron_ext.plan --config launch/configs/X.yaml --gpus 64 [--gpus-per-node 8]
         [--gpu-memory-gib 80] [--gpu H100|H800|A100|H200] [--layout tp=2,pp=1,cp=4[,ulysses=2]]
-        [--constant compute_efficiency=0.45 ...] [--top 15] [--json out.json]
+        [--constant compute_efficiency=0.45 ...] [--top 15] [--json out.json] [--ckpt-write-gib-s 2]
 
 Prints a ranked table (layout, memory per GPU, fits, tokens/s per GPU, MFU); the
 last line is ``best: TP=a PP=b CP=c DP=d (cp_comm_type ...) memory X GiB of B GiB,
-~T tokens/s/GPU``. ``--layout`` explains one layout part by part instead. Bad input:
+~T tokens/s/GPU``; above it, the best layout's host memory per node during a checkpoint
+and its planned save time (plan/host_memory.py). ``--layout`` explains one layout part by part instead. Bad input:
 one line on stderr, exit 2.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import yaml
 
 from data_tools.quiet import add_output_flags, quiet_cli  # never imports megatron-core: no GPU notices to keep
 
+from .host_memory import DEFAULT_WRITE_GIB_S, config_format, host_memory_lines
 from .layouts import PlanError
 from .planner import best_line, config_layout, evaluate, explain, plan, shape_and_run, table
 from .time import GPUS, hardware
@@ -62,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--top", type=int, default=15, help="rows of the ranked table")
     ap.add_argument("--json", default=None, help="write every evaluated layout here")
+    ap.add_argument("--ckpt-write-gib-s", type=float, default=DEFAULT_WRITE_GIB_S,
+                    help="checkpoint filesystem write bandwidth per node, GiB/s (planned save time)")
     add_output_flags(ap)
     args = ap.parse_args(argv)
     try:
@@ -88,6 +92,8 @@ def _run(args) -> int:
         lay = parse_layout(args.layout, args.gpus, config_layout(cfg, args.gpus))
         ev = evaluate(shape, run, lay, hw, args.gpus_per_node, budget)
         print("\n".join(explain(ev, shape, run, args.gpus, args.gpus_per_node)))
+        print("\n".join(host_memory_lines(shape, run, lay, args.gpus_per_node, config_format(cfg),
+                                          args.ckpt_write_gib_s)))
         if args.json:
             _write_json(args.json, {"gpu": hw.name, "gpus": args.gpus, "layouts": [ev.as_dict()]})
         return 0
@@ -105,6 +111,8 @@ def _run(args) -> int:
         print(f"best: none fits; the smallest is {smallest.layout.label()} at {smallest.gib:.1f} GiB "
               f"of {budget:g} GiB")
         return 1
+    print("\n".join(host_memory_lines(shape, run, evals[0].layout, args.gpus_per_node, config_format(cfg),
+                                      args.ckpt_write_gib_s)))
     print(best_line(evals[0]))
     return 0
 

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-broken", action="store_true",
                     help="resume from the previous complete checkpoint when the newest has a missing or truncated "
                          "file (checkpoint.skip_broken=true)")
+    ap.add_argument("--ckpt-write-gib-s", type=float, default=None,
+                    help="with --dry-run: checkpoint write bandwidth per node, GiB/s (planned save time)")
     add_output_flags(ap)
     args = ap.parse_args(argv)
     try:
@@ -41,7 +43,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         from .dryrun import dry_run
 
-        report, fits = dry_run(cfg, world, gpu_memory_gib=args.gpu_memory_gib)
+        from ..plan.host_memory import DEFAULT_WRITE_GIB_S
+
+        report, fits = dry_run(cfg, world, gpu_memory_gib=args.gpu_memory_gib,
+                               ckpt_write_gib_s=args.ckpt_write_gib_s or DEFAULT_WRITE_GIB_S)
         print(report)
         return 0 if fits else 1
     return _run(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
+from ..plan.host_memory import DEFAULT_WRITE_GIB_S, config_format, host_memory_lines
 from ..plan.model import model_shape, parameter_count
 from ..plan.planner import config_layout, evaluate, memory_lines, run_shape
 from ..plan.time import hardware
@@ -11,9 +12,12 @@ from .config import TrainConfig, validate
 
 
 def dry_run(cfg: TrainConfig, world_size: int, vocab_size: int = 0, gpu_memory_gib: float = 80.0,
-            gpu: str = "H100", gpus_per_node: int = 8) -> Tuple[str, bool]:
+            gpu: str = "H100", gpus_per_node: int = 8,
+            ckpt_write_gib_s: float = DEFAULT_WRITE_GIB_S) -> Tuple[str, bool]:
     """(report, fits): the layout, parameters and memory parts per GPU; the report's last
-    line is ``memory per GPU: X GiB of B GiB: fits`` (or ``: does not fit``)."""
+    line is ``memory per GPU: X GiB of B GiB: fits`` (or ``: does not fit``). Before it, the
+    host memory per node of a checkpoint save/load and the planned save time at
+    ``ckpt_write_gib_s`` GiB/s per node (megatron_ext.plan.host_memory)."""
     sizes = validate(cfg, world_size)
     p = cfg.parallel
     shape, run = model_shape(cfg, vocab_size), run_shape(cfg)
@@ -32,6 +36,7 @@ def dry_run(cfg: TrainConfig, world_size: int, vocab_size: int = 0, gpu_memory_g
         f"{'full recompute' if lay.recompute else 'no recompute'}, micro batch {lay.micro_batch}",
     ]
     lines += memory_lines(ev)
+    lines += host_memory_lines(shape, run, lay, gpus_per_node, config_format(cfg), ckpt_write_gib_s)
     if cfg.expected:
         lines.append(f"  expect: {cfg.expected.strip()}")
     lines.append(f"memory per GPU: {ev.gib:.1f} GiB of {gpu_memory_gib:g} GiB: {'fits' if ev.fits else 'does not fit'}")
