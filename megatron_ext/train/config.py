@@ -231,6 +231,13 @@ def _typed(value: Any, annotation: str, key: str) -> Any:
 
     if annotation.startswith("Optional[") and annotation.endswith("]"):
         return None if value is None else _typed(value, annotation[len("Optional["):-1], key)
+    if annotation.startswith("List[") and annotation.endswith("]"):
+        # ``--set fault.inject_nan_at=5`` reads as a scalar: one element; each element typed
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, (dict, set)) or value is None:
+            raise bad()
+        inner = annotation[len("List["):-1]
+        return [_typed(v, inner, f"{key}[{i}]") for i, v in enumerate(items)]
     if annotation in ("float", "int"):
         if isinstance(value, bool):
             raise bad()
