@@ -35,3 +35,44 @@ def test_torchrun_sh_exports_cuda_device_max_connections(tmp_path):
                          timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "CDMC=1" in res.stdout, res.stdout
+
+
+# -- row 5: an inf gradient with a finite loss skips the step ----------------------------------
+def _inf_grad_worker(rank, world, data, save, extra):
+    from megatron_ext.train.loop import Trainer
+    from megatron_ext.train.model import unwrap
+    from tests.test_train_core import _cfg
+
+    trainer = Trainer(_cfg(data, save, ["precision=fp32", "optim.warmup_iters=0", *extra]))
+    batches, _ = trainer._data()
+    params = dict(unwrap(trainer.model[0]).named_parameters())
+    name = next(n for n in params if n.endswith("linear_fc1.weight"))
+    run = trainer._run_schedule
+
+    def poisoned(micro_batches, forward_only):  # the loss stays finite; one grad element becomes inf
+        out = run(micro_batches, forward_only)
+        params[name].main_grad.view(-1)[3] = float("inf")
+        return out
+
+    before = {n: p.detach().clone() for n, p in params.items()}
+    trainer._run_schedule = poisoned
+    bad = trainer.step(next(batches))
+    after_bad = {n: p.detach().clone() for n, p in params.items()}
+    trainer._run_schedule = run
+    good = trainer.step(next(batches))
+    moved = max(float((p.detach() - after_bad[n]).abs().max()) for n, p in params.items())
+    return {"bad": bad, "good": good, "moved": moved, "finite": all(torch.isfinite(t).all() for t in after_bad.values()),
+            "unchanged": all(torch.equal(before[n], after_bad[n]) for n in before)}
+
+
+@pytest.mark.parametrize("dist_opt", [True, False])
+def test_inf_in_one_gradient_skips_the_step_in_fp32(data, tmp_path, dist_opt):
+    from megatron_ext.distributed import spawn_ranks
+
+    out = spawn_ranks(_inf_grad_worker, 1, (data, str(tmp_path), [f"parallel.use_distributed_optimizer={dist_opt}",
+                                                                  "parallel.context_parallel_size=1"]),
+                      timeout_s=150)[0]
+    import math
+    assert math.isfinite(out["bad"]["loss"]) and not out["bad"]["finite"], out["bad"]
+    assert out["finite"] and out["unchanged"]
+    assert out["good"]["finite"] and out["moved"] > 0  # the next, clean step trains
