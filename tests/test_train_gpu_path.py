@@ -76,3 +76,57 @@ def test_inf_in_one_gradient_skips_the_step_in_fp32(data, tmp_path, dist_opt):
     assert math.isfinite(out["bad"]["loss"]) and not out["bad"]["finite"], out["bad"]
     assert out["finite"] and out["unchanged"]
     assert out["good"]["finite"] and out["moved"] > 0  # the next, clean step trains
+
+
+# -- row 3: conversion builds on the requested device, even where CUDA exists --------------------
+def test_conversion_stays_on_cpu_when_cuda_is_available(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from megatron_ext.convert import export_hf, forward_logits, import_hf
+    from megatron_ext.megatron.cpu import enable_cpu_runtime
+    from megatron_ext.train.model import transformer_config
+    from megatron_ext.train.config import TrainConfig
+    from tests.test_convert import _hf_logits, _hf_model, _save
+
+    model = _hf_model("llama")
+    src = _save(model, tmp_path / "hf")
+    enable_cpu_runtime()  # the CPU patches stay applied; from here on the process believes it has a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    moved = []
+
+    def no_cuda(what):
+        def refuse(self, *args, **kw):
+            moved.append(what)
+            raise AssertionError(f"{what}.cuda() called during a device='cpu' conversion")
+        return refuse
+
+    module_to, tensor_to = torch.nn.Module.to, torch.Tensor.to
+
+    def checked(original, what):
+        def to(self, *args, **kw):
+            target = kw.get("device", args[0] if args else None)
+            if target is not None and not isinstance(target, torch.dtype) and "cuda" in str(target):
+                moved.append(what)
+                raise AssertionError(f"{what}.to({target}) during a device='cpu' conversion")
+            return original(self, *args, **kw)
+        return to
+
+    monkeypatch.setattr(torch.nn.Module, "cuda", no_cuda("Module"))
+    monkeypatch.setattr(torch.Tensor, "cuda", no_cuda("Tensor"))
+    monkeypatch.setattr(torch.nn.Module, "to", checked(module_to, "Module"))
+    monkeypatch.setattr(torch.Tensor, "to", checked(tensor_to, "Tensor"))
+    assert transformer_config(TrainConfig(), "cpu").use_cpu_initialization
+    assert not transformer_config(TrainConfig(), "cuda").use_cpu_initialization  # the trainer's GPU path
+    import_hf(src, str(tmp_path / "ours"))
+    ids = torch.randint(0, 512, (1, 16))
+    ours = forward_logits(str(tmp_path / "ours"), ids)
+    export_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
+    assert not moved and ours.device.type == "cpu"
+    monkeypatch.undo()
+    torch.testing.assert_close(ours, _hf_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_convert_cli_takes_a_device():
+    res = subprocess.run([sys.executable, "-m", "megatron_ext.convert", "export-hf", "--help"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and "--device" in res.stdout

@@ -20,10 +20,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
-def import_hf(hf_dir: str, out: str, dtype: str = "") -> str:
+def import_hf(hf_dir: str, out: str, dtype: str = "", device: str = "cpu") -> str:
     """Convert the HF folder ``hf_dir`` into ``out/step-0`` plus ``out/config.yaml``; returns
     the step folder. ``dtype`` (fp32|bf16) is the training precision written to the
-    config (default auto); weights are stored in fp32, an exact upcast."""
+    config (default auto); weights are stored in fp32, an exact upcast. ``device``: where the
+    model is built (default the CPU)."""
     if dtype and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     hf = read_hf_config(hf_dir)
@@ -39,7 +40,7 @@ def import_hf(hf_dir: str, out: str, dtype: str = "") -> str:
                               data=dataclasses.replace(cfg.data, tokenizer_model=tokenizer),
                               checkpoint=CheckpointConfig(save_dir=out + "-pretrain", init_from=out))
     with single_process():
-        model = build_fp32_model(cfg, cfg.model.vocab_size)
+        model = build_fp32_model(cfg, cfg.model.vocab_size, device=device)
         params = dict(model.named_parameters())
         done = set()
         with torch.no_grad():
@@ -54,16 +55,16 @@ def import_hf(hf_dir: str, out: str, dtype: str = "") -> str:
     return step
 
 
-def export_hf(checkpoint: str, out: str, dtype: str = "fp32") -> str:
+def export_hf(checkpoint: str, out: str, dtype: str = "fp32", device: str = "cpu") -> str:
     """Write ``out/config.json`` and ``out/model.safetensors`` (``dtype`` fp32|bf16) for the
     checkpoint at ``checkpoint``; copies the HF tokenizer files the config names. Returns
-    the architecture written."""
+    the architecture written. ``device``: where the model is built (default the CPU)."""
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     cfg, vocab, step = read_checkpoint(checkpoint)
     hf = hf_config_from_train(cfg, vocab, {"fp32": "float32", "bf16": "bfloat16"}[dtype])
     with single_process():
-        model = build_fp32_model(cfg, vocab)
+        model = build_fp32_model(cfg, vocab, device=device)
         load_model_weights(step, model)
         tensors = mcore_to_hf(dict(model.named_parameters()), dataclasses.replace(cfg.model, vocab_size=vocab))
     write_hf_folder(out, hf, {k: v.to(DTYPES[dtype]) for k, v in tensors.items()})
