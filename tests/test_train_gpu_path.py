@@ -130,3 +130,78 @@ def test_convert_cli_takes_a_device():
     res = subprocess.run([sys.executable, "-m", "megatron_ext.convert", "export-hf", "--help"], capture_output=True,
                          text=True)
     assert res.returncode == 0 and "--device" in res.stdout
+
+
+# -- row 2: packed SFT blends, the same description in validate(), the run and the dry run -------
+def _example_ids(ds):
+    """(first token, length) of every real example in every bin of ``ds``."""
+    out = []
+    for i in range(len(ds)):
+        s, at = ds[i], 0
+        for n in s["doc_lengths"]:
+            if int(s["tokens"][at]) >= 1000:
+                out.append((int(s["tokens"][at]), n))
+            at += n
+    return out
+
+
+def test_packed_sft_blend_is_weighted_by_example_count_and_deterministic(tmp_path):
+    from collections import Counter
+
+    from megatron_ext.train.packing import PackedSftDataset
+    from tests.test_packing import _write_sft
+
+    a_len = [40 + 2 * i for i in range(12)]  # even lengths: prefix a; odd: prefix b
+    b_len = [51, 61, 71, 81]
+    _write_sft(str(tmp_path / "a"), a_len)
+    _write_sft(str(tmp_path / "b"), b_len, seed=1)
+    blend = [(0.25, str(tmp_path / "a")), (0.75, str(tmp_path / "b"))]
+    ds = PackedSftDataset(blend, 256, seed=5)
+    seen = Counter(_example_ids(ds))
+    a = {k: v for k, v in seen.items() if k[1] % 2 == 0}
+    b = {k: v for k, v in seen.items() if k[1] % 2 == 1}
+    # 16 examples in all: a draws round(16 x 0.25) = 4 distinct ones, b round(16 x 0.75) = 12: each 3 times
+    assert sum(a.values()) == 4 and set(a.values()) == {1}
+    assert b == {(1000 + i, n): 3 for i, n in enumerate(b_len)}
+    assert all(n == a_len[t - 1000] for t, n in a)  # whole examples, as written
+    assert _example_ids(PackedSftDataset(blend, 256, seed=5)) == _example_ids(ds)  # deterministic
+    others = [{k for k in _example_ids(PackedSftDataset(blend, 256, seed=s)) if k[1] % 2 == 0} for s in range(6, 10)]
+    assert any(o != set(a) for o in others)  # the subset is drawn by the seed
+    assert "from 2 prefixes" in ds.summary()
+
+
+def test_blend_rules_hold_in_validate_and_the_dry_run(tmp_path):
+    from megatron_ext.train.config import load_config, validate
+
+    long_sft = os.path.join(REPO, "launch/configs/longskywork_13b_200k_long_sft.yaml")
+    for sets, text in ((["data.blend=[0, a, 1, b]"], "data.blend[0]: weight 0 of 'a' must be a positive number"),
+                       (["data.blend=[1, a, 1, a]"], "names a prefix twice"),
+                       (["data.document_masks=true"], "data.document_masks applies to data.packing=none")):
+        with pytest.raises(ValueError, match=text.replace("[", r"\[").replace("]", r"\]")):
+            validate(load_config(long_sft, sets), 64)
+        res = subprocess.run([sys.executable, "-m", "megatron_ext.train", "--config", long_sft, "--dry-run",
+                              "--world-size", "64", *[a for s in sets for a in ("--set", s)]],
+                             capture_output=True, text=True)
+        assert res.returncode == 2 and "config error" in res.stderr, res.stderr
+    res = subprocess.run([sys.executable, "-m", "megatron_ext.train", "--config", long_sft, "--dry-run",
+                          "--world-size", "64"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert ("data: packed SFT (whole examples, blend weighted by example count); blend 0.5 x data/synl_200k, "
+            "0.5 x data/sft_mix_200k") in res.stdout
+    assert "data files: 0 of 8 found on this machine" in res.stdout
+
+
+def test_training_on_a_packed_sft_blend(data, tmp_path):
+    import shutil
+
+    from tests.test_train import SFT_SCRATCH, losses, train
+
+    for suffix in ("_text_document", "_loss_mask_document"):
+        for ext in (".bin", ".idx"):
+            shutil.copy(data["sft"] + suffix + ext, str(tmp_path / "other") + suffix + ext)
+    save = str(tmp_path / "run")
+    res = train(data, save, nproc=1, config="tiny_cpu_sft.yaml", prefix="sft",
+                extra=["optim.train_iters=2", "data.seq_length=768", "parallel.context_parallel_size=1",
+                       f"data.blend=[0.5, {data['sft']}, 0.5, {tmp_path / 'other'}]", *SFT_SCRATCH])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "from 2 prefixes" in res.stdout and len(losses(save)) == 2

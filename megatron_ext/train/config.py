@@ -366,6 +366,9 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision {cfg.precision!r} is not auto, fp32 or bf16")
     mode = packing_mode(cfg)
+    from .data_spec import describe_data
+
+    describe_data(cfg.data, mode)  # the run builds from this description: its rules apply here too
     key = "data.packing=sft" if mode == "sft" else "data.document_masks=true" if cfg.data.document_masks else ""
     if key and cfg.optim.micro_batch_size != 1:
         raise ValueError(f"optim.micro_batch_size must be 1 with {key} (a packed sequence goes through the thd "

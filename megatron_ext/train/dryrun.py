@@ -7,7 +7,8 @@ from typing import Tuple
 from ..plan.model import model_shape, parameter_count
 from ..plan.planner import config_layout, evaluate, memory_lines, run_shape
 from ..plan.time import hardware
-from .config import TrainConfig, validate
+from .config import TrainConfig, packing_mode, validate
+from .data_spec import describe_data
 
 
 def dry_run(cfg: TrainConfig, world_size: int, vocab_size: int = 0, gpu_memory_gib: float = 80.0,
@@ -31,6 +32,11 @@ def dry_run(cfg: TrainConfig, world_size: int, vocab_size: int = 0, gpu_memory_g
         f"distributed optimizer {'on (sharded over DP x CP = ' + str(lay.dp * lay.cp) + ')' if run.distributed_optimizer else 'off'}; "
         f"{'full recompute' if lay.recompute else 'no recompute'}, micro batch {lay.micro_batch}",
     ]
+    desc = describe_data(cfg.data, packing_mode(cfg))  # what the run builds (validate() checked its rules)
+    missing = desc.missing()
+    lines += [f"  {desc.summary()}",
+              f"  data files: {len(desc.files()) - len(missing)} of {len(desc.files())} found on this machine"
+              + (f" (first missing: {missing[0]}; the run checks them at start)" if missing else "")]
     lines += memory_lines(ev)
     if cfg.expected:
         lines.append(f"  expect: {cfg.expected.strip()}")
