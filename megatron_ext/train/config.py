@@ -68,6 +68,19 @@ class ModelConfig:
     """Epsilon of LayerNorm/RMSNorm (Llama: 1e-5 or 1e-6, HF ``rms_norm_eps``)."""
     add_qkv_bias: bool = False
     """Bias on the fused QKV projection only (Qwen2), even when add_bias_linear is off."""
+    transformer_impl: str = "local"
+    """local (megatron-core's local layer spec) or transformer_engine (its TE spec, our CP core
+    attention kept; needs ``pip install 'megatron-ext[gpu]'``)."""
+    recompute_granularity: Optional[str] = None
+    """Activation recompute, megatron-core's names: full or selective; unset: none (or full when
+    the old top-level ``recompute: true`` is set)."""
+    recompute_modules: List[str] = field(default_factory=list)
+    """selective: core_attn, mlp, layernorm (TE only) (megatron-core's recompute_modules); empty: core_attn."""
+    recompute_method: Optional[str] = None
+    """full: uniform (groups of recompute_num_layers layers) or block (the first recompute_num_layers
+    layers of each pipeline stage); unset: uniform."""
+    recompute_num_layers: Optional[int] = None
+    """full: layers per group (uniform) or recomputed layers per stage (block); unset: 1."""
 
 
 @dataclass
@@ -198,7 +211,7 @@ class TrainConfig:
     precision: str = "auto"
     """fp32, bf16, or auto (fp32 on CPU, bf16 on GPU)."""
     recompute: bool = False
-    """Full activation recomputation of every layer."""
+    """Old switch, kept as an alias: true = model.recompute_granularity full (every layer)."""
     seed: int = 1234
     """Model init seed."""
     expected: str = ""
@@ -344,6 +357,9 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
                          f"model.num_layers {cfg.model.num_layers}")
     _check_virtual_pipeline(cfg)
     _check_heads(cfg)
+    from .config_checks import check_model_choices
+
+    check_model_choices(cfg)
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     if world_size % model_parallel:
         raise ValueError(f"TP x PP x CP = {p.tensor_model_parallel_size} x {p.pipeline_model_parallel_size} x "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Tuple
 
 from ..plan.model import model_shape, parameter_count
-from ..plan.planner import config_layout, evaluate, memory_lines, run_shape
+from ..plan.planner import config_layout, evaluate, memory_lines, recompute_lines, run_shape
 from ..plan.time import hardware
 from .config import TrainConfig, packing_mode, validate
 from .data_spec import describe_data
@@ -30,7 +30,7 @@ def dry_run(cfg: TrainConfig, world_size: int, vocab_size: int = 0, gpu_memory_g
         f"(base {rope.base:g}" + (f", abf_base {rope.abf_base:g}" if rope.scaling == "abf" else "") + ")",
         f"  parameters: {parameter_count(shape) / 1e9:.2f} B; {'bf16 params, fp32 grads and main params' if run.bf16 else 'fp32'}; "
         f"distributed optimizer {'on (sharded over DP x CP = ' + str(lay.dp * lay.cp) + ')' if run.distributed_optimizer else 'off'}; "
-        f"{'full recompute' if lay.recompute else 'no recompute'}, micro batch {lay.micro_batch}",
+        f"recompute {lay.recompute.label()}, micro batch {lay.micro_batch}",
     ]
     desc = describe_data(cfg.data, packing_mode(cfg))  # what the run builds (validate() checked its rules)
     missing = desc.missing()
@@ -38,6 +38,7 @@ def dry_run(cfg: TrainConfig, world_size: int, vocab_size: int = 0, gpu_memory_g
               f"  data files: {len(desc.files()) - len(missing)} of {len(desc.files())} found on this machine"
               + (f" (first missing: {missing[0]}; the run checks them at start)" if missing else "")]
     lines += memory_lines(ev)
+    lines += recompute_lines(shape, run, lay, hardware(gpu, {}), gpus_per_node, gpu_memory_gib)
     if cfg.expected:
         lines.append(f"  expect: {cfg.expected.strip()}")
     lines.append(f"memory per GPU: {ev.gib:.1f} GiB of {gpu_memory_gib:g} GiB: {'fits' if ev.fits else 'does not fit'}")

@@ -33,7 +33,9 @@ def transformer_config(cfg: TrainConfig, device=None):
     m, p = cfg.model, cfg.parallel
     bf16 = use_bf16(cfg)
     kv = m.hidden_size // m.num_attention_heads
-    recompute = cfg.recompute
+    from ..plan.planner import config_recompute
+
+    rc = config_recompute(cfg)  # the planner models the same choice
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
@@ -54,8 +56,8 @@ def transformer_config(cfg: TrainConfig, device=None):
         # per-token loss: the schedule sums token losses and finalize_model_grads divides the
         # grads by the global token count, so DDP sums (not averages) over DP x CP
         calculate_per_token_loss=True,
-        recompute_granularity="full" if recompute else None,
-        recompute_method="uniform" if recompute else None, recompute_num_layers=1 if recompute else None,
+        recompute_granularity=rc.granularity, recompute_method=rc.method, recompute_num_layers=rc.num_layers,
+        recompute_modules=list(rc.modules) if rc.modules else None,
         gated_linear_unit=m.swiglu, activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
         bias_activation_fusion=False, normalization=m.normalization, add_bias_linear=m.add_bias_linear,
         layernorm_epsilon=m.norm_epsilon, add_qkv_bias=m.add_qkv_bias,
