@@ -116,8 +116,12 @@ def _build_chunk(cfg: TrainConfig, config, vocab_size: int, vp_stage):
     from ..megatron.specs import get_gpt_layer_cp_spec
 
     m = cfg.model
+    te = m.transformer_impl == "transformer_engine"
+    if te:
+        require_transformer_engine()
     model = build_gpt_model(config, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_length,
-                            rope=m.rope, layer_spec=get_gpt_layer_cp_spec(normalization=m.normalization),
+                            rope=m.rope, layer_spec=get_gpt_layer_cp_spec(normalization=m.normalization,
+                                                                          use_transformer_engine=te),
                             share_embeddings_and_output_weights=not m.untie_embeddings,
                             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
                                                                                vp_stage=vp_stage),
@@ -125,6 +129,18 @@ def _build_chunk(cfg: TrainConfig, config, vocab_size: int, vp_stage):
                                                                                vp_stage=vp_stage),
                             vp_stage=vp_stage)
     return model
+
+
+def require_transformer_engine() -> None:
+    """ImportError in one line, naming what to install, unless TransformerEngine imports
+    (``model.transformer_impl: transformer_engine``: megatron-core's TE layer spec with our
+    ContextParallelAttention as its core attention; see docs/training-gpu.md)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"model.transformer_impl=transformer_engine needs TransformerEngine ({err}): "
+                          f"pip install 'megatron-ext[gpu]' (transformer-engine[pytorch]), or set "
+                          f"model.transformer_impl=local") from None
 
 
 def wrap_model(cfg: TrainConfig, model, chunk: int = 0):
