@@ -384,7 +384,8 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     mode = packing_mode(cfg)
     from .data_spec import describe_data
 
-    describe_data(cfg.data, mode)  # the run builds from this description: its rules apply here too
+    if cfg.data.blend:  # the run builds from this description: its rules apply here too (benches bring no data)
+        describe_data(cfg.data, mode)
     key = "data.packing=sft" if mode == "sft" else "data.document_masks=true" if cfg.data.document_masks else ""
     if key and cfg.optim.micro_batch_size != 1:
         raise ValueError(f"optim.micro_batch_size must be 1 with {key} (a packed sequence goes through the thd "
