@@ -43,6 +43,8 @@ class Case:
     """Distributed optimizer."""
     recompute: bool = False
     """Full recompute."""
+    selective: tuple = ()
+    """Selective recompute of these megatron-core recompute_modules (empty: none)."""
     sp: bool = False
     """Sequence parallel (with TP > 1)."""
     micro_batches: int = 1
@@ -54,7 +56,8 @@ class Case:
 
 
 CASES = [Case("cp1"), Case("cp2", cp=2), Case("cp4", cp=4), Case("cp2-allgather", cp=2, comm="all_gather"),
-         Case("cp2-recompute", cp=2, recompute=True), Case("cp2-no-distopt", cp=2, dist_opt=False),
+         Case("cp2-recompute", cp=2, recompute=True), Case("cp2-selective", cp=2, selective=("core_attn", "mlp")),
+         Case("cp2-no-distopt", cp=2, dist_opt=False),
          Case("tp2", tp=2), Case("tp2-sp", tp=2, sp=True), Case("pp2", pp=2, micro_batches=2),
          Case("pp2-m4", pp=2, micro_batches=4)]
 
@@ -68,7 +71,8 @@ def train_config(case: Case):
                                 pipeline_model_parallel_size=case.pp, context_parallel_size=case.cp,
                                 cp_comm_type=case.comm, use_distributed_optimizer=case.dist_opt),
         model=ModelConfig(**MODEL, vocab_size=VOCAB, swiglu=True, normalization="RMSNorm", add_bias_linear=False,
-                          untie_embeddings=True),
+                          untie_embeddings=True, recompute_granularity="selective" if case.selective else None,
+                          recompute_modules=list(case.selective)),
         data=DataConfig(seq_length=SEQ), optim=OptimConfig(micro_batch_size=1, global_batch_size=case.micro_batches),
         precision="fp32", recompute=case.recompute)
 
@@ -189,7 +193,7 @@ def measure(case: Case) -> float:
 
 def predicted(case: Case) -> float:
     from megatron_ext.attention.ring import kv_waves
-    from megatron_ext.plan.layouts import Layout, RunShape
+    from megatron_ext.plan.layouts import Layout, Recompute, RunShape
     from megatron_ext.plan.memory import estimate_memory
     from megatron_ext.plan.model import ModelShape
 
@@ -197,7 +201,8 @@ def predicted(case: Case) -> float:
                        MODEL["num_attention_heads"], MODEL["num_query_groups"], VOCAB, True, False, False, True)
     run = RunShape(SEQ, case.micro_batches, bf16=False, distributed_optimizer=case.dist_opt,
                    overlap_grad_reduce=False, sequence_parallel=case.sp, fused_rms_norm=False)
-    lay = Layout(case.tp, case.pp, case.cp, 1, case.comm, 1, 1, case.recompute)
+    lay = Layout(case.tp, case.pp, case.cp, 1, case.comm, 1, 1,
+                 Recompute("selective", case.selective) if case.selective else case.recompute)
     return estimate_memory(shape, run, lay, ring_waves=kv_waves(SEQ // case.cp, "zigzag", None),
                            reserve_gib=0.0).peak_bytes
 
@@ -212,7 +217,7 @@ def main(argv=None):
         measured, pred = measure(case), predicted(case)
         err = pred / measured - 1
         rows.append([case.name, case.tp, case.pp, case.cp, case.comm, case.sp, case.micro_batches, case.dist_opt,
-                     case.recompute,
+                     "selective " + "+".join(case.selective) if case.selective else case.recompute,
                      pred / 2 ** 20, measured / 2 ** 20, f"{100 * err:+.1f}%"])
         report[case.name] = {"predicted_bytes": pred, "measured_bytes": measured, "rel_err": err,
                              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}

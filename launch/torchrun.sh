@@ -16,6 +16,8 @@ MODULE=${MODULE:-megatron_ext.train}
 filter=()
 [ -n "${LOG_RANK:-}" ] && filter=(--local-ranks-filter "$LOG_RANK")
 export PYTHONFAULTHANDLER=1
+# megatron-core (TP/SP comm overlap ordering) expects one hardware work queue per GPU; as render sets it
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 set +e
 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" --master-port "$MASTER_PORT" "${filter[@]}" \
   -m "$MODULE" --config "$CONFIG" "$@"

@@ -11,7 +11,7 @@ from megatron_ext.plan import model as pm
 from megatron_ext.plan.__main__ import main as plan_main
 from megatron_ext.plan.layouts import Layout
 from megatron_ext.plan.memory import estimate_memory, stage_params
-from megatron_ext.plan.planner import evaluate, plan, run_shape
+from megatron_ext.plan.planner import config_recompute, evaluate, plan, run_shape
 from megatron_ext.plan.time import hardware
 from megatron_ext.train.config import load_config
 
@@ -90,7 +90,7 @@ def test_memory_sanity_at_13b_200k_on_64_gpus():
         cfg = load_config(PAPER[stage])
         p = cfg.parallel
         ev = _ev(stage, 64 // (p.tensor_model_parallel_size * p.context_parallel_size), tp=p.tensor_model_parallel_size,
-                 cp=p.context_parallel_size, cp_comm_type=p.cp_comm_type, recompute=cfg.recompute)
+                 cp=p.context_parallel_size, cp_comm_type=p.cp_comm_type, recompute=config_recompute(cfg))
         assert ev.fits and ev.gib > 20, (stage, ev.gib)
     # the distributed optimizer shards 12 B/param over DP x CP; without it every GPU holds all of it
     cfg = load_config(PAPER["pretrain"], ["parallel.use_distributed_optimizer=false"])
@@ -145,7 +145,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, says, capsys):
     assert len(err) == 1 and says in err[0], err
 
 
-@pytest.mark.parametrize("name", ["cp1", "cp2", "cp2-recompute", "tp2", "tp2-sp", "pp2"])
+@pytest.mark.parametrize("name", ["cp1", "cp2", "cp2-recompute", "cp2-selective", "tp2", "tp2-sp", "pp2"])
 def test_memory_model_within_15_percent_of_measured(name):
     """Peak tensor memory of what the trainer builds and steps (megatron_ext.train's
     build_model, wrap_model, build_optimizer, Trainer.step through megatron-core's

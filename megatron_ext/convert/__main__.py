@@ -27,8 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", required=True, help="save_dir (newest complete step) or step-N folder")
     exp.add_argument("--out", required=True, help="HF folder to write")
     exp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the written tensors")
-    add_output_flags(imp)
-    add_output_flags(exp)
+    for cmd in (imp, exp):
+        cmd.add_argument("--device", default="cpu",
+                         help="where the model is built: cpu (default; no GPU memory needed) or cuda[:N]")
+        add_output_flags(cmd)
     return p
 
 
@@ -39,10 +41,10 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "import-hf":
-            step = import_hf(args.hf_dir, args.out, args.dtype)
+            step = import_hf(args.hf_dir, args.out, args.dtype, device=args.device)
             print(f"imported {args.hf_dir} -> {step} (config: {args.out}/config.yaml)")
         else:
-            arch = export_hf(args.checkpoint, args.out, args.dtype)
+            arch = export_hf(args.checkpoint, args.out, args.dtype, device=args.device)
             print(f"exported {args.checkpoint} -> {args.out} ({arch}: {', '.join(sorted(os.listdir(args.out)))})")
     except (ConversionError, FileNotFoundError, ValueError) as e:  # bad input; a bug raises something else
         print(f"error: {e}", file=sys.stderr)

@@ -19,10 +19,11 @@ from .weights import check_tensors, expected_hf_shapes, hf_to_mcore, mcore_to_hf
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def import_hf(hf_dir: str, out: str, dtype: str = "") -> str:
+def import_hf(hf_dir: str, out: str, dtype: str = "", device: str = "cpu") -> str:
     """Convert the HF folder ``hf_dir`` into ``out/step-0`` plus ``out/config.yaml``; returns
     the step folder. ``dtype`` (fp32|bf16) is the training precision written to the
-    config (default auto); weights are stored in fp32, an exact upcast."""
+    config (default auto); weights are stored in fp32, an exact upcast. ``device``: where the
+    model is built (default the CPU)."""
     if dtype and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     hf = read_hf_config(hf_dir)
@@ -38,7 +39,7 @@ def import_hf(hf_dir: str, out: str, dtype: str = "") -> str:
                               data=dataclasses.replace(cfg.data, tokenizer_model=tokenizer),
                               checkpoint=CheckpointConfig(save_dir=out + "-pretrain", init_from=out))
     with single_process():
-        model = build_fp32_model(cfg, cfg.model.vocab_size)
+        model = build_fp32_model(cfg, cfg.model.vocab_size, device=device)
         params = dict(model.named_parameters())
         done = set()
         with torch.no_grad(), progress(total=len(params), unit="tensor", desc="import-hf") as bar:
@@ -54,11 +55,11 @@ def import_hf(hf_dir: str, out: str, dtype: str = "") -> str:
     return step
 
 
-def export_hf(checkpoint: str, out: str, dtype: str = "fp32") -> str:
+def export_hf(checkpoint: str, out: str, dtype: str = "fp32", device: str = "cpu") -> str:
     """Write ``out/config.json`` (with bos/eos/pad ids) and ``out/model.safetensors`` (``dtype``
     fp32|bf16) for the checkpoint at ``checkpoint``, plus every tokenizer file, the chat template
     and generation_config.json of the tokenizer the config names (:mod:`.hf_files`). Returns
-    the architecture written."""
+    the architecture written. ``device``: where the model is built (default the CPU)."""
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     cfg, vocab, step = read_checkpoint(checkpoint)
@@ -66,7 +67,7 @@ def export_hf(checkpoint: str, out: str, dtype: str = "fp32") -> str:
     ids = token_ids(cfg.data.tokenizer_model, source) if source else {}
     hf = {**hf_config_from_train(cfg, vocab, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), **ids}
     with single_process(), progress(total=3, unit="step", desc="export-hf") as bar:  # load, map, write
-        model = build_fp32_model(cfg, vocab)
+        model = build_fp32_model(cfg, vocab, device=device)
         load_model_weights(step, model)
         bar.update(1)
         tensors = mcore_to_hf(dict(model.named_parameters()), dataclasses.replace(cfg.model, vocab_size=vocab))

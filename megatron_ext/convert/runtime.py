@@ -50,13 +50,14 @@ def process_group():
             dist.destroy_process_group()
 
 
-def build_fp32_model(cfg: TrainConfig, vocab_size: int, seq_length: int = 0):
-    """Our GPTModel for ``cfg.model`` at TP = CP = 1, fp32, eval mode (inside :func:`single_process`)."""
+def build_fp32_model(cfg: TrainConfig, vocab_size: int, seq_length: int = 0, device="cpu"):
+    """Our GPTModel for ``cfg.model`` at TP = CP = 1, fp32, eval mode, on ``device`` (default the
+    CPU: a 13B model is ~55 GB in fp32; pass "cuda" to choose a GPU), inside :func:`single_process`."""
     from ..train.model import build_model
 
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig(), precision="fp32",
                               data=dataclasses.replace(cfg.data, seq_length=max(seq_length, cfg.data.seq_length)))
-    model, _ = build_model(cfg, vocab_size)
+    model, _ = build_model(cfg, vocab_size, device=device)
     if getattr(model.config, "rotary_interleaved", False):
         raise ValueError("the model rotates interleaved pairs; HF Llama checkpoints rotate halves (rotate_half)")
     return model.eval()

@@ -7,7 +7,7 @@ then CP, then DP, then PP; this decides which groups stay inside a node.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from .model import ModelShape
 
@@ -42,6 +42,53 @@ class RunShape:
     torch's composite rms_norm also saves the normalised input (one more h per norm)."""
 
 
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+"""megatron-core 0.16.1 ``recompute_modules`` that exist in our dense local layer
+(transformer_config.py:411-421; moe*, shared_experts and mla_up_proj need MoE / MLA)."""
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """Activation recomputation, in megatron-core's TransformerConfig terms."""
+
+    granularity: Optional[str] = None
+    """None (keep every activation), "full" (each recomputed layer keeps only its input) or
+    "selective" (recompute ``modules`` inside every layer)."""
+    modules: Tuple[str, ...] = ()
+    """selective: the submodules recomputed (megatron-core's recompute_modules)."""
+    method: Optional[str] = None
+    """full: "uniform" (checkpoint groups of ``num_layers`` layers) or "block" (only the
+    first ``num_layers`` layers of each pipeline stage are recomputed)."""
+    num_layers: Optional[int] = None
+    """full: layers per group (uniform) or recomputed layers per stage (block)."""
+
+    def __bool__(self) -> bool:
+        return self.granularity is not None
+
+    def label(self) -> str:
+        if self.granularity == "full":
+            return "recompute" if (self.method, self.num_layers) == ("uniform", 1) else \
+                f"recompute-{self.method}{self.num_layers}"
+        if self.granularity == "selective":
+            return "selective(" + "+".join(self.modules) + ")"
+        return "no-recompute"
+
+
+NO_RECOMPUTE = Recompute()
+FULL_RECOMPUTE = Recompute("full", (), "uniform", 1)
+# what the planner tries, from most memory to least (and least time to most)
+# (layernorm needs TransformerEngine in mcore 0.16.1: CheckpointWithoutOutput reads TE's FP8 state)
+RECOMPUTE_CHOICES = (NO_RECOMPUTE, Recompute("selective", ("core_attn",)), Recompute("selective", ("mlp",)),
+                     Recompute("selective", ("core_attn", "mlp")), FULL_RECOMPUTE)
+
+
+def as_recompute(value) -> Recompute:
+    """A Recompute from a Recompute or the old boolean (True: full, every layer)."""
+    if isinstance(value, Recompute):
+        return value
+    return FULL_RECOMPUTE if value else NO_RECOMPUTE
+
+
 @dataclass(frozen=True)
 class Layout:
     """One way to split the world; DP is what is left."""
@@ -60,8 +107,11 @@ class Layout:
     """Ulysses degree: CP for a2a, the inner factor for a2a+p2p, 1 otherwise."""
     micro_batch: int = 1
     """Samples per micro-batch."""
-    recompute: bool = True
-    """Full activation recomputation (each layer keeps its input only)."""
+    recompute: Recompute = FULL_RECOMPUTE
+    """Activation recomputation; True/False (the old boolean) mean full (every layer) / none."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "recompute", as_recompute(self.recompute))
 
     @property
     def world(self) -> int:
@@ -70,7 +120,7 @@ class Layout:
     def label(self) -> str:
         comm = self.cp_comm_type + (f" U={self.ulysses}" if self.cp_comm_type == "a2a+p2p" else "")
         return (f"TP={self.tp} PP={self.pp} CP={self.cp} DP={self.dp} ({comm}) mbs={self.micro_batch} "
-                f"{'recompute' if self.recompute else 'no-recompute'}")
+                f"{self.recompute.label()}")
 
     def micro_batches(self, run: RunShape) -> int:
         """Micro-batches per optimizer step on one DP replica."""
@@ -134,7 +184,7 @@ def enumerate_layouts(shape: ModelShape, run: RunShape, gpus: int, gpus_per_node
                 dp = gpus // (tp * pp * cp)
                 for comm, u in _comm_choices(shape, tp, cp):
                     for mbs in MICRO_BATCH_CHOICES:
-                        for recompute in (True, False):
+                        for recompute in RECOMPUTE_CHOICES:
                             lay = Layout(tp, pp, cp, dp, comm, u, mbs, recompute)
                             if layout_problem(shape, run, lay, gpus, gpus_per_node) is None:
                                 yield lay
@@ -169,4 +219,4 @@ def parse_layout(text: str, gpus: int, defaults: Layout) -> Layout:
     comm = extra.get("cp_comm_type") or (single if ulysses == 1 else "a2a" if ulysses == keys["cp"] else "a2a+p2p")
     return replace(defaults, tp=keys["tp"], pp=keys["pp"], cp=keys["cp"], dp=gpus // model_parallel,
                    cp_comm_type=comm, ulysses=ulysses, micro_batch=extra.get("mbs", defaults.micro_batch),
-                   recompute=bool(extra.get("recompute", defaults.recompute)))
+                   recompute=as_recompute(bool(extra["recompute"])) if "recompute" in extra else defaults.recompute)

@@ -22,6 +22,7 @@ from typing import Dict, List
 
 from .layouts import Layout, RunShape
 from .model import ModelShape, embedding_params, layer_params, output_params
+from .recompute import activation_bytes, selective_kept
 
 GIB = 2 ** 30
 # CUDA context (~0.5 GiB on Hopper), NCCL communicator buffers (~1-2 GiB for a few groups,
@@ -92,7 +93,8 @@ def saved_per_token(shape: ModelShape, run: RunShape, lay: Layout, act: int) -> 
     else:
         attn = (h + 2 * kv) + (h + kv)  # mixed QKV (held by V's view), RoPE'd Q and K
     norm_copies = 1 if shape.layernorm or run.fused_rms_norm else 2
-    return {"norm inputs and linear inputs (SP-split)": (2 * norm_copies + 2) * h * act * lay.tp / _sp(run, lay),
+    return {"norm inputs (SP-split)": 2 * norm_copies * h * act * lay.tp / _sp(run, lay),
+            "norm outputs = QKV and fc1 inputs (SP-split)": 2 * h * act * lay.tp / _sp(run, lay),
             "attention q/k/v kept for backward": attn * act,
             "attention output (proj input)": h * act,
             "attention lse (fp32)": heads * 4.0,
@@ -200,9 +202,10 @@ def _stage(shape, run, lay, first, last, ring_waves, reserve_gib) -> MemoryEstim
              per_param["grads"]), ("optimizer shard" if run.distributed_optimizer else "optimizer",
                                    per_param["optimizer"]))}
     full_layer = layer_saved_bytes(shape, run, lay, tokens, act)
-    kept = tokens * shape.hidden_size / _sp(run, lay) * act if lay.recompute else full_layer
+    kept_layer = tokens * sum(selective_kept(saved_per_token(shape, run, lay, act), lay).values()) / lay.tp
+    acts = activation_bytes(full_layer, kept_layer, tokens * shape.hidden_size / _sp(run, lay) * act, lay, layers)
     flights = in_flight(run, lay) if first else 1.0
-    parts["activations saved"] = kept * layers * flights
+    parts["activations saved"] = acts["saved"] * flights
     if last:  # final norm input (and normalised input, unfused) and output (the output layer's input)
         copies = 2 if shape.layernorm or run.fused_rms_norm else 3
         parts["activations saved"] += copies * tokens * shape.hidden_size / _sp(run, lay) * act
@@ -216,7 +219,7 @@ def _stage(shape, run, lay, first, last, ring_waves, reserve_gib) -> MemoryEstim
     # SP all-gathers each column-parallel GEMM's input into megatron-core's GlobalMemoryBuffer
     # (tensor_parallel/layers.py:482): one [s, b, h] tensor that stays allocated for the run
     parts["SP all-gather buffer (persistent)"] = tokens * shape.hidden_size * act if sp else 0.0
-    parts["recomputed layer (backward)"] = full_layer if lay.recompute else 0.0
+    parts["recomputed layer (backward)"] = acts["moment"]  # the last recomputed unit, rebuilt
     # SP backward: the reduce-scatter's output [s/TP, h] beside the full dgrad (layers.py:548)
     parts[f"layer backward temporaries ({lay.cp_comm_type} attention)"] = \
         extra + (tokens * shape.hidden_size * act / lay.tp if sp else 0.0)

@@ -2,10 +2,11 @@
 answer; shared by ``python -m megatron_ext.plan`` and the trainer's ``--dry-run``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List
 
-from .layouts import Layout, PlanError, RunShape, enumerate_layouts, layout_problem
+from .layouts import (RECOMPUTE_CHOICES, Layout, PlanError, Recompute, RunShape, enumerate_layouts,
+                      layout_problem)
 from .memory import GIB, MemoryEstimate, estimate_memory
 from .model import ModelShape, model_shape, parameter_count
 from .time import Hardware, estimate_time
@@ -35,7 +36,7 @@ class Evaluation:
     def as_dict(self) -> dict:
         lay = self.layout
         return {"tp": lay.tp, "pp": lay.pp, "cp": lay.cp, "dp": lay.dp, "cp_comm_type": lay.cp_comm_type,
-                "ulysses": lay.ulysses, "micro_batch": lay.micro_batch, "recompute": lay.recompute,
+                "ulysses": lay.ulysses, "micro_batch": lay.micro_batch, "recompute": lay.recompute.label(),
                 "memory_gib": self.gib, "budget_gib": self.budget_gib, "fits": self.fits,
                 "memory_parts_gib": {k: v / GIB for k, v in self.memory.parts.items()},
                 "reserve_gib": self.memory.reserve_bytes / GIB, "peak_moment": self.memory.peak_moment,
@@ -63,7 +64,34 @@ def config_layout(cfg, world: int) -> Layout:
     comm = p.cp_comm_type if p.context_parallel_size > 1 else "p2p"
     ulysses = p.context_parallel_size if comm == "a2a" else (p.ulysses_size if comm == "a2a+p2p" else 1)
     return Layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
-                  world // model_parallel, comm, ulysses, cfg.optim.micro_batch_size, bool(cfg.recompute))
+                  world // model_parallel, comm, ulysses, cfg.optim.micro_batch_size, config_recompute(cfg))
+
+
+def config_recompute(cfg) -> Recompute:
+    """The Recompute a TrainConfig asks for: model.recompute_* (megatron-core's names), or the
+    old top-level ``recompute: true`` (full, every layer), resolved the way the trainer does."""
+    m = cfg.model
+    granularity = getattr(m, "recompute_granularity", None) or ("full" if getattr(cfg, "recompute", False) else None)
+    if granularity == "full":
+        return Recompute("full", (), getattr(m, "recompute_method", None) or "uniform",
+                         getattr(m, "recompute_num_layers", None) or 1)
+    if granularity == "selective":
+        return Recompute("selective", tuple(getattr(m, "recompute_modules", None) or ("core_attn",)))
+    return Recompute()
+
+
+def recompute_lines(shape: ModelShape, run: RunShape, lay: Layout, hw: Hardware, gpus_per_node: int,
+                    budget_gib: float) -> List[str]:
+    """Memory and step time of ``lay`` under each recompute choice (the planner's, plus the
+    layout's own), for the dry run: one memory model and one FLOP formula for all of them."""
+    choices = list(RECOMPUTE_CHOICES) + ([lay.recompute] if lay.recompute not in RECOMPUTE_CHOICES else [])
+    lines = ["  recompute choices at this layout (memory per GPU, step time):"]
+    for rc in choices:
+        ev = evaluate(shape, run, replace(lay, recompute=rc), hw, gpus_per_node, budget_gib)
+        mine = "  <- this config" if rc == lay.recompute else ""
+        lines.append(f"    {rc.label():<34} {ev.gib:8.1f} GiB {'fits' if ev.fits else 'does not fit':>12} "
+                     f"{ev.time['step_s']:9.2f} s/step{mine}")
+    return lines
 
 
 def evaluate(shape: ModelShape, run: RunShape, lay: Layout, hw: Hardware, gpus_per_node: int,

@@ -15,6 +15,7 @@ from typing import Dict
 from .layouts import Layout, RunShape
 from .memory import RESERVE_GIB, kv_replication, stage_params
 from .model import ModelShape, forward_flops_per_token
+from .recompute import extra_work
 
 GB = 1e9
 
@@ -138,10 +139,12 @@ def estimate_time(shape: ModelShape, run: RunShape, lay: Layout, hw: Hardware, g
     fwd = forward_flops_per_token(shape, run.seq_length)
     split = lay.tp * lay.cp
     layers_stage = shape.num_layers / lay.pp
-    t_layer_fwd = tokens_mb * (fwd["layers"] + fwd["attention"]) / shape.num_layers / split / peak
+    t_mat_fwd = tokens_mb * fwd["layers"] / shape.num_layers / split / peak
     t_attn_fwd = tokens_mb * fwd["attention"] / shape.num_layers / split / peak
-    passes_fwd = 2 if lay.recompute else 1
-    compute = layers_stage * t_layer_fwd * (passes_fwd + 2) + 3 * tokens_mb * fwd["logits"] / split / peak
+    extra = extra_work(shape, lay, int(layers_stage))  # what the recompute choice runs again
+    passes_fwd = 1 + extra.ring_passes
+    per_layer = 3 * (t_mat_fwd + t_attn_fwd) + extra.matrices * t_mat_fwd + extra.attention * t_attn_fwd
+    compute = layers_stage * per_layer + 3 * tokens_mb * fwd["logits"] / split / peak
     out = {"compute": compute * m}
     # TP with SP: all-gather + reduce-scatter around attention and MLP, each way (and in recompute)
     tp_s = 0.0
@@ -149,7 +152,7 @@ def estimate_time(shape: ModelShape, run: RunShape, lay: Layout, hw: Hardware, g
         link = _link(hw, lay.tp, gpus_per_node)
         nbytes = tokens_mb / lay.cp * shape.hidden_size * act
         one = link.latency_s + (lay.tp - 1) / lay.tp * nbytes / link.gbps
-        tp_s = (4 * (passes_fwd + 1) * layers_stage + 2) * one
+        tp_s = ((8 + extra.tp_collectives) * layers_stage + 2) * one
     out["tp comm"] = tp_s * m
     out["cp comm (exposed)"] = _cp_comm(shape, run, lay, hw, gpus_per_node, act, t_attn_fwd, passes_fwd)["cp"] * layers_stage * m
     pp_s = 0.0

@@ -68,6 +68,19 @@ class ModelConfig:
     """Epsilon of LayerNorm/RMSNorm (Llama: 1e-5 or 1e-6, HF ``rms_norm_eps``)."""
     add_qkv_bias: bool = False
     """Bias on the fused QKV projection only (Qwen2), even when add_bias_linear is off."""
+    transformer_impl: str = "local"
+    """local (megatron-core's local layer spec) or transformer_engine (its TE spec, our CP core
+    attention kept; needs ``pip install 'megatron-ext[gpu]'``)."""
+    recompute_granularity: Optional[str] = None
+    """Activation recompute, megatron-core's names: full or selective; unset: none (or full when
+    the old top-level ``recompute: true`` is set)."""
+    recompute_modules: List[str] = field(default_factory=list)
+    """selective: core_attn, mlp, layernorm (TE only) (megatron-core's recompute_modules); empty: core_attn."""
+    recompute_method: Optional[str] = None
+    """full: uniform (groups of recompute_num_layers layers) or block (the first recompute_num_layers
+    layers of each pipeline stage); unset: uniform."""
+    recompute_num_layers: Optional[int] = None
+    """full: layers per group (uniform) or recomputed layers per stage (block); unset: 1."""
 
 
 @dataclass
@@ -218,7 +231,7 @@ class TrainConfig:
     precision: str = "auto"
     """fp32, bf16, or auto (fp32 on CPU, bf16 on GPU)."""
     recompute: bool = False
-    """Full activation recomputation of every layer."""
+    """Old switch, kept as an alias: true = model.recompute_granularity full (every layer)."""
     seed: int = 1234
     """Model init seed."""
     expected: str = ""
@@ -251,6 +264,13 @@ def _typed(value: Any, annotation: str, key: str) -> Any:
 
     if annotation.startswith("Optional[") and annotation.endswith("]"):
         return None if value is None else _typed(value, annotation[len("Optional["):-1], key)
+    if annotation.startswith("List[") and annotation.endswith("]"):
+        # ``--set fault.inject_nan_at=5`` reads as a scalar: one element; each element typed
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, (dict, set)) or value is None:
+            raise bad()
+        inner = annotation[len("List["):-1]
+        return [_typed(v, inner, f"{key}[{i}]") for i, v in enumerate(items)]
     if annotation in ("float", "int"):
         if isinstance(value, bool):
             raise bad()
@@ -376,6 +396,9 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     _check_virtual_pipeline(cfg)
     _check_heads(cfg)
     _check_lr_schedule(cfg.optim)
+    from .config_checks import check_model_choices
+
+    check_model_choices(cfg)
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     if world_size % model_parallel:
         raise ValueError(f"TP x PP x CP = {p.tensor_model_parallel_size} x {p.pipeline_model_parallel_size} x "
@@ -400,6 +423,10 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision {cfg.precision!r} is not auto, fp32 or bf16")
     mode = packing_mode(cfg)
+    from .data_spec import describe_data
+
+    if cfg.data.blend:  # the run builds from this description: its rules apply here too (benches bring no data)
+        describe_data(cfg.data, mode)
     key = "data.packing=sft" if mode == "sft" else "data.document_masks=true" if cfg.data.document_masks else ""
     if key and cfg.optim.micro_batch_size != 1:
         raise ValueError(f"optim.micro_batch_size must be 1 with {key} (a packed sequence goes through the thd "

@@ -28,7 +28,8 @@ import torch
 
 from data_tools.common import load_tokenizer
 
-from .packing import PackedSftDataset, eod_document_lengths
+from .data_spec import describe_data
+from .packing import PackedSftDataset, _open_sft, eod_document_lengths
 
 
 class TrainTokenizer:
@@ -83,24 +84,33 @@ def _split_examples(n: int, split: str) -> List[range]:
 
 def build_packed_datasets(cfg, valid_samples: int = 0, pad_token: int = 0):
     """(train, valid or None) for ``data.packing: sft``: :class:`PackedSftDataset` over the
-    train and valid shares (``cfg.split``) of the examples of ``cfg.blend``'s one prefix."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    train and valid shares (``cfg.split``, per prefix) of ``cfg.blend``'s examples; a blend of
+    several prefixes is drawn by weight, counted in examples (``packing.blend_draws``)."""
+    desc = describe_data(cfg, "sft")
+    _check_files(desc)
+    pairs = list(zip(desc.weights, desc.prefixes))
+    counts = [len(_open_sft(p)[3]) for p in desc.prefixes]
+    ranges = [_split_examples(n, cfg.split) for n in counts]
 
-    prefixes, _ = _blend(cfg.blend, "_text_document")
-    _blend(cfg.blend, "_loss_mask_document")
-    if len(prefixes) != 1:
-        raise ValueError(f"data.packing=sft packs one SFT prefix, data.blend names {len(prefixes)}: merge them "
-                         f"when preprocessing, or set data.packing=none")
-    prefix = str(cfg.blend[1])
-    ranges = _split_examples(len(IndexedDataset(prefixes[0]).sequence_lengths), cfg.split)
+    def build(which):
+        if len(pairs) == 1:
+            return PackedSftDataset(desc.prefixes[0], cfg.seq_length, cfg.seed, cfg.drop_overlong, pad_token,
+                                    ranges[0][which])
+        return PackedSftDataset(pairs, cfg.seq_length, cfg.seed, cfg.drop_overlong, pad_token,
+                                [r[which] for r in ranges])
 
-    def build(examples):
-        return PackedSftDataset(prefix, cfg.seq_length, cfg.seed, cfg.drop_overlong, pad_token, examples)
-
-    train = build(ranges[0])
-    if valid_samples and not len(ranges[1]):
+    train = build(0)
+    if valid_samples and not any(len(r[1]) for r in ranges):
         raise ValueError(f"logging.eval_iters > 0 needs a valid share in data.split (got {cfg.split!r})")
-    return train, build(ranges[1]) if valid_samples else None
+    return train, build(1) if valid_samples else None
+
+
+def _check_files(desc) -> None:
+    """FileNotFoundError naming the first missing file of the data description."""
+    missing = desc.missing()
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: not found ({len(missing)} data files missing; run "
+                                f"python -m data_tools.preprocess first)")
 
 
 def build_datasets(cfg, tokenizer, cache_dir: str, valid_samples: int = 0, packing: str = "none"):
@@ -109,6 +119,7 @@ def build_datasets(cfg, tokenizer, cache_dir: str, valid_samples: int = 0, packi
     split exists when ``cfg.split`` gives it a share and ``valid_samples`` > 0."""
     if packing == "sft":
         return build_packed_datasets(cfg, valid_samples)
+    _check_files(describe_data(cfg, packing))
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 

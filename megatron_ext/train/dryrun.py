@@ -6,9 +6,10 @@ from typing import Tuple
 
 from ..plan.host_memory import DEFAULT_WRITE_GIB_S, config_format, host_memory_lines
 from ..plan.model import model_shape, parameter_count
-from ..plan.planner import config_layout, evaluate, memory_lines, run_shape
+from ..plan.planner import config_layout, evaluate, memory_lines, recompute_lines, run_shape
 from ..plan.time import hardware
-from .config import TrainConfig, validate
+from .config import TrainConfig, packing_mode, validate
+from .data_spec import describe_data
 
 
 def dry_run(cfg: TrainConfig, world_size: int, vocab_size: int = 0, gpu_memory_gib: float = 80.0,
@@ -33,9 +34,15 @@ def dry_run(cfg: TrainConfig, world_size: int, vocab_size: int = 0, gpu_memory_g
         f"(base {rope.base:g}" + (f", abf_base {rope.abf_base:g}" if rope.scaling == "abf" else "") + ")",
         f"  parameters: {parameter_count(shape) / 1e9:.2f} B; {'bf16 params, fp32 grads and main params' if run.bf16 else 'fp32'}; "
         f"distributed optimizer {'on (sharded over DP x CP = ' + str(lay.dp * lay.cp) + ')' if run.distributed_optimizer else 'off'}; "
-        f"{'full recompute' if lay.recompute else 'no recompute'}, micro batch {lay.micro_batch}",
+        f"recompute {lay.recompute.label()}, micro batch {lay.micro_batch}",
     ]
+    desc = describe_data(cfg.data, packing_mode(cfg))  # what the run builds (validate() checked its rules)
+    missing = desc.missing()
+    lines += [f"  {desc.summary()}",
+              f"  data files: {len(desc.files()) - len(missing)} of {len(desc.files())} found on this machine"
+              + (f" (first missing: {missing[0]}; the run checks them at start)" if missing else "")]
     lines += memory_lines(ev)
+    lines += recompute_lines(shape, run, lay, hardware(gpu, {}), gpus_per_node, gpu_memory_gib)
     lines += host_memory_lines(shape, run, lay, gpus_per_node, config_format(cfg), ckpt_write_gib_s)
     if cfg.expected:
         lines.append(f"  expect: {cfg.expected.strip()}")

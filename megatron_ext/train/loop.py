@@ -21,7 +21,7 @@ from .config import TrainConfig, packing_mode, to_dict, validate
 from .data import build_datasets, load_train_tokenizer, sample_batches
 from .metrics import MetricsLogger, flops_per_token
 from .model import build_model, build_model_chunks, init_model_parallel, unwrap, wrap_model
-from .optim import build_optimizer
+from .optim import build_optimizer, step_if_finite
 
 # re-exported for callers that build models the trainer's way (eval, convert)
 __all__ = ["Trainer", "RunState", "build_model", "init_model_parallel"]
@@ -180,17 +180,18 @@ class Trainer:
 
     def step(self, micro_batches) -> dict:
         """Forward/backward over the micro-batches, then megatron-core's optimizer step
-        (clipping and the finite check across TP/PP/DP). A non-finite loss skips the
-        step on every rank (the loss is all-reduced, so all ranks agree)."""
+        (clipping and the finite check across TP/PP/DP). A non-finite loss, or an inf/NaN
+        gradient with a finite loss, skips the step on every rank (the loss and the grad
+        check are all-reduced, so all ranks agree)."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss, tokens = self._run_schedule(micro_batches, forward_only=False)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         ok, grad_norm = False, float("nan")
-        if math.isfinite(loss):
-            ok, norm, _ = self.optimizer.step()
-            grad_norm = float(norm) if norm is not None else float("nan")
+        if math.isfinite(loss):  # and every grad finite (step_if_finite), else the step is skipped
+            ok, norm = step_if_finite(self.optimizer)
+            grad_norm = norm if norm is not None else float("nan")
         if ok:
             self.scheduler.step(increment=1)  # as Megatron-LM: a skipped step does not advance the schedule
         return {"loss": loss, "grad_norm": grad_norm, "finite": bool(ok), "tokens": tokens, "lr": lr}

@@ -17,8 +17,15 @@ def use_bf16(cfg: TrainConfig) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
 
 
-def transformer_config(cfg: TrainConfig):
-    """megatron-core's TransformerConfig for ``cfg`` (the one mapping of our keys onto it)."""
+def default_device() -> torch.device:
+    """The trainer's device: this process's current CUDA device when CUDA exists, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def transformer_config(cfg: TrainConfig, device=None):
+    """megatron-core's TransformerConfig for ``cfg`` (the one mapping of our keys onto it).
+    ``device``: where the parameters are created (default :func:`default_device`); off CUDA,
+    megatron-core's CPU initialisation."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from ..rope import attention_scale_factor
@@ -26,7 +33,9 @@ def transformer_config(cfg: TrainConfig):
     m, p = cfg.model, cfg.parallel
     bf16 = use_bf16(cfg)
     kv = m.hidden_size // m.num_attention_heads
-    recompute = cfg.recompute
+    from ..plan.planner import config_recompute
+
+    rc = config_recompute(cfg)  # the planner models the same choice
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
@@ -43,12 +52,12 @@ def transformer_config(cfg: TrainConfig):
         softmax_scale=attention_scale_factor(m.rope) / math.sqrt(kv),
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=torch.device(device or default_device()).type != "cuda",
         # per-token loss: the schedule sums token losses and finalize_model_grads divides the
         # grads by the global token count, so DDP sums (not averages) over DP x CP
         calculate_per_token_loss=True,
-        recompute_granularity="full" if recompute else None,
-        recompute_method="uniform" if recompute else None, recompute_num_layers=1 if recompute else None,
+        recompute_granularity=rc.granularity, recompute_method=rc.method, recompute_num_layers=rc.num_layers,
+        recompute_modules=list(rc.modules) if rc.modules else None,
         gated_linear_unit=m.swiglu, activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
         bias_activation_fusion=False, normalization=m.normalization, add_bias_linear=m.add_bias_linear,
         layernorm_epsilon=m.norm_epsilon, add_qkv_bias=m.add_qkv_bias,
@@ -61,15 +70,15 @@ def sequence_parallel(cfg: TrainConfig) -> bool:
     return cfg.parallel.tensor_model_parallel_size > 1 if sp is None else bool(sp)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int):
-    """The bare megatron-core GPTModel for ``cfg`` (CP attention, extended RoPE), on this
-    rank's device, parameters in fp32. Needs parallel_state initialised with
+def build_model(cfg: TrainConfig, vocab_size: int, device=None):
+    """The bare megatron-core GPTModel for ``cfg`` (CP attention, extended RoPE), on
+    ``device`` (default :func:`default_device`: conversion passes "cpu" explicitly), parameters in fp32. Needs parallel_state initialised with
     cfg.parallel's sizes, without virtual stages (see :func:`build_model_chunks`).
     Returns (model, bf16)."""
     if virtual_pipeline_size(cfg):
         raise ValueError(f"build_model builds one model; parallel.virtual_pipeline_model_parallel_size "
                          f"{cfg.parallel.virtual_pipeline_model_parallel_size} needs build_model_chunks")
-    chunks, bf16 = build_model_chunks(cfg, vocab_size)
+    chunks, bf16 = build_model_chunks(cfg, vocab_size, device)
     return chunks[0], bf16
 
 
@@ -82,18 +91,20 @@ def init_seed(cfg: TrainConfig) -> int:
     return cfg.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
 
 
-def build_model_chunks(cfg: TrainConfig, vocab_size: int):
+def build_model_chunks(cfg: TrainConfig, vocab_size: int, device=None):
     """This rank's model chunks: one GPTModel per virtual pipeline stage (one without
     interleaving), each holding its stage's layers at their global offsets. Seeds once,
-    so the chunks draw different initial weights. Returns (chunks, bf16)."""
+    so the chunks draw different initial weights. ``device``: as in :func:`build_model`.
+    Returns (chunks, bf16)."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     seed = init_seed(cfg)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
-    config = transformer_config(cfg)
+    device = torch.device(device or default_device())
+    config = transformer_config(cfg, device)
     vp = virtual_pipeline_size(cfg)
-    chunks = [_build_chunk(cfg, config, vocab_size, i if vp else None) for i in range(vp or 1)]
+    chunks = [_build_chunk(cfg, config, vocab_size, i if vp else None).to(device) for i in range(vp or 1)]
     return chunks, use_bf16(cfg)
 
 
@@ -105,15 +116,31 @@ def _build_chunk(cfg: TrainConfig, config, vocab_size: int, vp_stage):
     from ..megatron.specs import get_gpt_layer_cp_spec
 
     m = cfg.model
+    te = m.transformer_impl == "transformer_engine"
+    if te:
+        require_transformer_engine()
     model = build_gpt_model(config, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_length,
-                            rope=m.rope, layer_spec=get_gpt_layer_cp_spec(normalization=m.normalization),
+                            rope=m.rope, layer_spec=get_gpt_layer_cp_spec(normalization=m.normalization,
+                                                                          use_transformer_engine=te),
                             share_embeddings_and_output_weights=not m.untie_embeddings,
                             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
                                                                                vp_stage=vp_stage),
                             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                                                vp_stage=vp_stage),
                             vp_stage=vp_stage)
-    return model.cuda() if torch.cuda.is_available() else model
+    return model
+
+
+def require_transformer_engine() -> None:
+    """ImportError in one line, naming what to install, unless TransformerEngine imports
+    (``model.transformer_impl: transformer_engine``: megatron-core's TE layer spec with our
+    ContextParallelAttention as its core attention; see docs/training-gpu.md)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"model.transformer_impl=transformer_engine needs TransformerEngine ({err}): "
+                          f"pip install 'megatron-ext[gpu]' (transformer-engine[pytorch]), or set "
+                          f"model.transformer_impl=local") from None
 
 
 def wrap_model(cfg: TrainConfig, model, chunk: int = 0):

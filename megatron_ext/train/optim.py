@@ -19,8 +19,9 @@ def optimizer_config(cfg: TrainConfig):
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
         adam_beta2=o.adam_beta2, adam_eps=1e-8, clip_grad=o.clip_grad, bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        # a constant scale of 1 makes the bf16 optimizer check its grads for inf/NaN and skip
-        loss_scale=1.0 if bf16 else None,
+        # a constant scale of 1 makes the mixed-precision and distributed optimizers check
+        # their grads for inf/NaN and skip the step, in fp32 too (loss_scale=None checks nothing)
+        loss_scale=1.0,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
 
 
@@ -45,3 +46,26 @@ def build_optimizer(cfg: TrainConfig, model_chunks):
     optimizer = get_megatron_optimizer(optimizer_config(cfg), model_chunks)
     scheduler = OptimizerParamScheduler(optimizer, **scheduler_kwargs(cfg))
     return optimizer, scheduler
+
+
+def step_if_finite(optimizer):
+    """megatron-core's optimizer step, skipped when any gradient is inf/NaN (a finite loss
+    can still have them). Returns (stepped, grad_norm or None).
+
+    The mixed-precision and distributed optimizers check their grads through the constant
+    grad scaler (``loss_scale=1``, all-reduced over the model-parallel group). mcore's
+    ``FP32Optimizer`` (fp32 without the distributed optimizer) has no scaler and would step
+    on inf grads: there the global grad norm (mcore's ``get_grad_norm``, the same
+    collective clipping uses) is checked first."""
+    import math
+
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if any(isinstance(opt, FP32Optimizer) for opt in parts):
+        optimizer.prepare_grads()  # main_grad -> grad, so the norm sees this step's grads
+        norm = float(optimizer.get_grad_norm())
+        if not math.isfinite(norm):
+            return False, norm
+    ok, norm, _ = optimizer.step()
+    return bool(ok), (float(norm) if norm is not None else None)

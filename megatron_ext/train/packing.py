@@ -101,38 +101,67 @@ def eod_document_lengths(tokens: torch.Tensor, eod: int) -> List[int]:
     return [b - a for a, b in zip([0] + ends[:-1], ends)]
 
 
+def blend_draws(counts: Sequence[int], weights: Sequence[float], seed: int) -> List[List[int]]:
+    """Which examples of each blended prefix one epoch packs, weighted by example count.
+
+    counts: examples per prefix (in this split); weights: the blend's weights. The epoch
+    draws ``round(N x w_i / sum(w))`` examples of prefix i (N = all examples): every example
+    ``k // n_i`` times, plus ``k % n_i`` more drawn without repeats by ``seed + i``. A lone
+    prefix draws each of its examples once. Returns per prefix the example indices, sorted."""
+    if len(counts) != len(weights) or any(w <= 0 for w in weights):
+        raise ValueError(f"blend weights {list(weights)} must be positive, one per prefix ({len(counts)})")
+    total, norm = sum(counts), sum(weights)
+    draws = []
+    for i, (n, w) in enumerate(zip(counts, weights)):
+        k = n if len(counts) == 1 else int(round(total * w / norm))
+        if n == 0:
+            draws.append([])
+            continue
+        whole, rest = divmod(k, n)
+        extra = np.sort(np.random.RandomState(seed + i).choice(n, size=rest, replace=False)).tolist()
+        draws.append(sorted(list(range(n)) * whole + extra))
+    return draws
+
+
 class PackedSftDataset(torch.utils.data.Dataset):
     """Packed SFT samples from ``{prefix}_text_document`` + ``{prefix}_loss_mask_document``.
 
-    ``examples`` (a range of example indices, default all) is the split packed; errors and
-    ``dropped`` name examples by their index in the prefix.
+    ``prefix`` is one prefix, or a blend: a list of (weight, prefix) pairs, drawn by
+    :func:`blend_draws` (weighted by example count, deterministic in ``seed``) and packed
+    together. ``examples`` (one range of example indices, default all; for a blend, one
+    range per prefix) is the split packed; errors and ``dropped`` name examples by their
+    index in their prefix (``dropped``: (prefix, index) pairs for a blend).
     ``dataset[i]`` is :func:`pack_sample` of bin ``order[i % n_bins]``; each pass over the
     bins (epoch) has its own order, drawn from ``seed + epoch``. ``fill_rate`` is real
-    tokens / (bins x seq_length); ``dropped`` lists skipped overlong example indices.
+    tokens / (bins x seq_length).
     """
 
-    def __init__(self, prefix: str, seq_length: int, seed: int = 1234, drop_overlong: bool = False,
-                 pad_token: int = 0, examples: Optional[range] = None):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        self.text = IndexedDataset(f"{prefix}_text_document")
-        self.mask = IndexedDataset(f"{prefix}_loss_mask_document")
-        lengths = [int(n) for n in self.text.sequence_lengths]
-        mask_lengths = [int(n) for n in self.mask.sequence_lengths]
-        if lengths != mask_lengths:
-            bad = next(i for i, (a, b) in enumerate(zip(lengths, mask_lengths)) if a != b) \
-                if len(lengths) == len(mask_lengths) else min(len(lengths), len(mask_lengths))
-            raise ValueError(f"{prefix}: _text_document and _loss_mask_document differ at example {bad} "
-                             f"({len(lengths)} vs {len(mask_lengths)} examples)")
-        if examples is not None:  # a split: the other examples get length 0, so indices stay global
-            keep = set(examples)
-            lengths = [n if i in keep else 0 for i, n in enumerate(lengths)]
+    def __init__(self, prefix, seq_length: int, seed: int = 1234, drop_overlong: bool = False,
+                 pad_token: int = 0, examples=None):
+        blend = not isinstance(prefix, str)
+        pairs = [(float(w), str(p)) for w, p in prefix] if blend else [(1.0, prefix)]
+        ranges = (list(examples) if examples is not None else [None] * len(pairs)) if blend else [examples]
+        self.sources = [_open_sft(p) for _, p in pairs]  # (prefix, text, mask, lengths)
+        counts, pools = [], []
+        for (name, _, _, lengths), rng in zip(self.sources, ranges):
+            pool = list(rng) if rng is not None else list(range(len(lengths)))
+            pools.append(pool)
+            counts.append(len(pool))
+        picks = blend_draws(counts, [w for w, _ in pairs], seed)
+        self.draws = [(s, pools[s][j]) for s, chosen in enumerate(picks) for j in chosen]  # (source, example)
+        lengths = [self.sources[s][3][j] for s, j in self.draws]
         try:
-            self.bins, self.dropped = first_fit_decreasing(lengths, seq_length, drop_overlong)
-        except OverlongExampleError as err:
-            raise OverlongExampleError(f"{prefix}: {err}") from None
+            self.bins, dropped = first_fit_decreasing(lengths, seq_length, drop_overlong)
+        except OverlongExampleError:
+            s, j = self.draws[next(i for i, n in enumerate(lengths) if n > seq_length)]
+            many = sum(n > seq_length for n in lengths)
+            raise OverlongExampleError(f"{self.sources[s][0]}: example {j} has {self.sources[s][3][j]} tokens, more "
+                                       f"than seq_length={seq_length} ({many} such examples); set "
+                                       f"data.drop_overlong=true to skip them") from None
+        named = sorted({self.draws[i] for i in dropped})
+        self.dropped = [(self.sources[s][0], j) for s, j in named] if blend else [j for _, j in named]
         if not self.bins:
-            raise ValueError(f"{prefix}: no example fits into seq_length={seq_length}")
+            raise ValueError(f"{', '.join(p for _, p in pairs)}: no example fits into seq_length={seq_length}")
         self.seq_length, self.seed, self.pad_token = seq_length, seed, pad_token
         self.real_tokens = sum(lengths[i] for b in self.bins for i in b)
         self.fill_rate = self.real_tokens / (len(self.bins) * seq_length)
@@ -148,15 +177,36 @@ class PackedSftDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, object]:
         epoch, i = divmod(int(index), len(self.bins))
-        examples = [(np.asarray(self.text[j], dtype=np.int64), np.asarray(self.mask[j], dtype=np.float32))
-                    for j in self.bins[self._order(epoch)[i]]]
+        examples = []
+        for d in self.bins[self._order(epoch)[i]]:
+            s, j = self.draws[d]
+            _, text, mask, _ = self.sources[s]
+            examples.append((np.asarray(text[j], dtype=np.int64), np.asarray(mask[j], dtype=np.float32)))
         return pack_sample(examples, self.seq_length, self.pad_token)
 
     def summary(self) -> str:
         """One log line: bins, fill rate, dropped examples."""
-        return (f"packing=sft: {sum(len(b) for b in self.bins)} examples in {len(self.bins)} samples of "
+        blend = f" from {len(self.sources)} prefixes" if len(self.sources) > 1 else ""
+        return (f"packing=sft: {sum(len(b) for b in self.bins)} examples{blend} in {len(self.bins)} samples of "
                 f"{self.seq_length} tokens, fill rate {self.fill_rate:.3f} (real tokens / seq_length), "
                 f"{len(self.dropped)} overlong dropped")
+
+
+def _open_sft(prefix: str):
+    """(prefix, text IndexedDataset, mask IndexedDataset, example lengths) of one SFT prefix;
+    the two must hold the same example lengths."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    text = IndexedDataset(f"{prefix}_text_document")
+    mask = IndexedDataset(f"{prefix}_loss_mask_document")
+    lengths = [int(n) for n in text.sequence_lengths]
+    mask_lengths = [int(n) for n in mask.sequence_lengths]
+    if lengths != mask_lengths:
+        bad = next(i for i, (a, b) in enumerate(zip(lengths, mask_lengths)) if a != b) \
+            if len(lengths) == len(mask_lengths) else min(len(lengths), len(mask_lengths))
+        raise ValueError(f"{prefix}: _text_document and _loss_mask_document differ at example {bad} "
+                         f"({len(lengths)} vs {len(mask_lengths)} examples)")
+    return prefix, text, mask, lengths
 
 
 def main(argv=None) -> int:
