@@ -122,6 +122,38 @@ def rope_angles(positions: torch.Tensor, dim: int, cfg: RopeConfig, seq_len: int
     return torch.remainder(angles, 2 * math.pi).to(torch.float32)
 
 
+class RopeAngleTable:
+    """:func:`rope_angles` of positions ``[0, n)`` computed once and sliced for every later
+    request, so a packed batch whose longest document changes each micro-batch costs a
+    slice, not a new fp64 pass over up to 200K positions on the host.
+
+    The same per-position fp64 math as :func:`rope_angles`, so a slice equals a direct
+    call (a test checks equality). A table grows to the next power of two when a longer
+    span is asked for. ``dynamic`` scales its frequencies with the length, so it keeps one
+    table per scaling length; at most ``max_tables`` tables are kept (least recently used
+    dropped), each [n, dim / 2] fp32 on its device.
+    """
+
+    def __init__(self, dim: int, cfg: RopeConfig, max_tables: int = 4):
+        self.dim, self.cfg, self.max_tables = dim, cfg, max_tables
+        self.tables: dict = {}  # (scaling length or 0, device) -> fp32 [n, dim / 2], most recent last
+
+    def angles(self, start: int, length: int, seq_len: int = 0, device=None) -> torch.Tensor:
+        """fp32 [length, dim / 2]: ``rope_angles(arange(start, start + length), dim, cfg, seq_len)``
+        on ``device`` (default: host)."""
+        stop = start + length
+        scaled = (seq_len or stop) if self.cfg.scaling == "dynamic" else 0
+        key = (scaled, str(torch.device(device or "cpu")))
+        table = self.tables.pop(key, None)
+        if table is None or table.shape[0] < stop:
+            n = 1 << max(stop - 1, 0).bit_length()
+            table = rope_angles(torch.arange(n), self.dim, self.cfg, scaled).to(device or "cpu")
+        self.tables[key] = table
+        while len(self.tables) > self.max_tables:
+            self.tables.pop(next(iter(self.tables)))
+        return table[start:stop]
+
+
 def attention_scale_factor(cfg: RopeConfig) -> float:
     """Multiplier for the softmax scale: YaRN's temperature (0.1 ln s + 1)^2, else 1."""
     if cfg.scaling != "yarn" or cfg.factor <= 1:

@@ -150,10 +150,59 @@ def pad_packed_lengths(doc_lengths, world_size: int) -> torch.Tensor:
     return torch.tensor(cu, dtype=torch.int32)
 
 
+class PackedLayout:
+    """One micro-batch's global padded cu_seqlens (:func:`pad_packed_lengths`) on the host.
+
+    Built once where the batch is built, then handed to every layer and pass instead of a
+    cu_seqlens tensor: :func:`check_packed` validates it once per world size, and what the
+    CP attention derives from it (per-document spans, index tensors) is kept in ``memo``,
+    so no layer reads a device tensor back (no ``.cpu()`` / ``.tolist()``) or rebuilds spans.
+
+    cu_seqlens_padded: int [n_docs + 1], a tensor (read once, here) or ints.
+    """
+
+    def __init__(self, cu_seqlens_padded):
+        src = cu_seqlens_padded.tolist() if torch.is_tensor(cu_seqlens_padded) else cu_seqlens_padded
+        self.cu: Tuple[int, ...] = tuple(int(c) for c in src)
+        self.memo: dict = {}  # (what, *key) -> derived metadata; read-only once stored
+
+    def cached(self, key: tuple, build):
+        """``memo[key]``, built by ``build()`` on first use."""
+        if key not in self.memo:
+            self.memo[key] = build()
+        return self.memo[key]
+
+    def tensor(self) -> torch.Tensor:
+        """int32 [n_docs + 1] on the host."""
+        return torch.tensor(self.cu, dtype=torch.int32)
+
+    def __repr__(self) -> str:
+        return f"PackedLayout({list(self.cu[:8])}{'...' if len(self.cu) > 8 else ''}, n_docs={len(self.cu) - 1})"
+
+
+def as_packed_layout(cu_seqlens_padded) -> Optional[PackedLayout]:
+    """``cu_seqlens_padded`` as a :class:`PackedLayout` (None stays None; a layout is returned as is)."""
+    if cu_seqlens_padded is None or isinstance(cu_seqlens_padded, PackedLayout):
+        return cu_seqlens_padded
+    return PackedLayout(cu_seqlens_padded)
+
+
 def check_packed(cu_seqlens_padded, world_size: int, total: Optional[int] = None) -> List[int]:
     """Validate global padded cu_seqlens (starts at 0, every document a positive multiple
-    of 2P, ends at ``total`` when given) and return it as a list of ints."""
-    cu = [int(c) for c in (cu_seqlens_padded.tolist() if torch.is_tensor(cu_seqlens_padded) else cu_seqlens_padded)]
+    of 2P, ends at ``total`` when given) and return it as a list of ints (do not modify it).
+    A :class:`PackedLayout` is validated once per world size; a tensor is read each call."""
+    if isinstance(cu_seqlens_padded, PackedLayout):
+        cu = cu_seqlens_padded.cached(("checked", world_size), lambda: _check_cu(cu_seqlens_padded.cu, world_size))
+    else:
+        cu = _check_cu(cu_seqlens_padded.tolist() if torch.is_tensor(cu_seqlens_padded) else cu_seqlens_padded,
+                       world_size)
+    if total is not None and cu[-1] != total:
+        raise ValueError(f"cu_seqlens_padded ends at {cu[-1]} but the packed sequence has {total} tokens")
+    return cu
+
+
+def _check_cu(values, world_size: int) -> List[int]:
+    cu = [int(c) for c in values]
     m = 2 * world_size
     if len(cu) < 2 or cu[0] != 0:
         raise ValueError(f"cu_seqlens_padded must start at 0 and hold >= 1 document, got {cu[:8]}")
@@ -162,26 +211,33 @@ def check_packed(cu_seqlens_padded, world_size: int, total: Optional[int] = None
         if n < 1 or n % m:
             raise ValueError(f"cu_seqlens_padded: document {i} has padded length {n}, not a positive multiple "
                              f"of 2P={m} (P={world_size}); build it with pad_packed_lengths")
-    if total is not None and cu[-1] != total:
-        raise ValueError(f"cu_seqlens_padded ends at {cu[-1]} but the packed sequence has {total} tokens")
     return cu
 
 
-def packed_index(cu_seqlens_padded, rank: int, world_size: int) -> torch.Tensor:
-    """Global rows held by ``rank``: LongTensor [t / P] (chunk r, then 2P-1-r, of each document)."""
+def packed_index(cu_seqlens_padded, rank: int, world_size: int, device=None) -> torch.Tensor:
+    """Global rows held by ``rank``: LongTensor [t / P] on ``device`` (default: host), chunk r
+    then 2P-1-r of each document. Kept per (rank, P, device) on a :class:`PackedLayout`."""
+    if isinstance(cu_seqlens_padded, PackedLayout):
+        key = ("index", rank, world_size, str(torch.device(device or "cpu")))
+        return cu_seqlens_padded.cached(key, lambda: _packed_index(cu_seqlens_padded, rank, world_size, device))
+    return _packed_index(cu_seqlens_padded, rank, world_size, device)
+
+
+def _packed_index(cu_seqlens_padded, rank: int, world_size: int, device) -> torch.Tensor:
     cu = check_packed(cu_seqlens_padded, world_size)
     order = chunk_order(rank, world_size, "zigzag")
     parts = []
     for start, stop in zip(cu[:-1], cu[1:]):
         c = (stop - start) // (2 * world_size)
         parts += [torch.arange(start + g * c, start + (g + 1) * c) for g in order]
-    return torch.cat(parts)
+    index = torch.cat(parts)
+    return index if device is None else index.to(device)
 
 
 def shard_packed(x: torch.Tensor, dim: int, cu_seqlens_padded, rank: int, world_size: int) -> torch.Tensor:
     """This rank's per-document zigzag shard: x [..., t, ...] at ``dim`` -> [..., t / P, ...]."""
     check_packed(cu_seqlens_padded, world_size, x.shape[dim])
-    return x.index_select(dim, packed_index(cu_seqlens_padded, rank, world_size).to(x.device))
+    return x.index_select(dim, packed_index(cu_seqlens_padded, rank, world_size, x.device))
 
 
 def unshard_packed(shards: Sequence[torch.Tensor], dim: int, cu_seqlens_padded) -> torch.Tensor:
@@ -196,7 +252,7 @@ def unshard_packed(shards: Sequence[torch.Tensor], dim: int, cu_seqlens_padded) 
     out_shape[dim] = cu[-1]
     out = shards[0].new_empty(out_shape)
     for r, s in enumerate(shards):
-        out.index_copy_(dim, packed_index(cu, r, world_size).to(s.device), s)
+        out.index_copy_(dim, packed_index(cu_seqlens_padded, r, world_size, s.device), s)
     return out
 
 

@@ -26,15 +26,17 @@ from megatron_ext.sharding import position_ids
 SEQ, BATCH, VOCAB = 256, 2, 128
 
 
-def build_model(tp: int, cp: int, cp_comm_type, spec: str = "cp", rope: RopeConfig = None) -> GPTModel:
+def build_model(tp: int, cp: int, cp_comm_type, spec: str = "cp", rope: RopeConfig = None, num_layers: int = 2,
+                **config_overrides) -> GPTModel:
     """spec "cp": our attention and RoPE; "mcore": megatron-core's local layers and RotaryEmbedding;
     "megatron-lm": Megatron-LM's ``--spec megatron_ext.megatron.specs gpt_layer_cp_spec`` route (the
     attribute itself goes to GPTModel, with megatron-core's RotaryEmbedding)."""
     config = TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+        num_layers=num_layers, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
         use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
         tensor_model_parallel_size=tp, context_parallel_size=cp, cp_comm_type=cp_comm_type,
         calculate_per_token_loss=True,  # mcore DDP then sums grads over DP x CP, as cp_masked_loss needs
+        **config_overrides,
     )
     torch.manual_seed(1234)  # same full weights for every TP/CP layout (CPU init splits a master copy)
     if spec in ("mcore", "megatron-lm"):

@@ -76,55 +76,192 @@ def test_dense_fallback_refuses_large_blocks():
         DenseFallbackKernel.forward(big_q, big_kv, big_kv, True, 0.1)
 
 
-class FakeCudaOps:
-    """CPU stand-ins for the CUDA-only aten ops, with those ops' layouts and LSE padding,
-    computed by MathKernel; they record the K/V head counts they were handed."""
+def bind(op_name: str, args: tuple, kwargs: dict) -> dict:
+    """Bind a call to the REAL operator schema ``aten::<op_name>`` as torch's binder does:
+    positional then keyword-only arguments, defaults filled, each value checked against its
+    declared type (a plain ``Tensor`` also takes None: an undefined tensor). Raises TypeError."""
+    schema = getattr(torch.ops.aten, op_name).default._schema
+    positional = [a for a in schema.arguments if not a.kwarg_only]
+    if len(args) > len(positional):
+        raise TypeError(f"{op_name}: {len(args)} positional arguments, the schema takes {len(positional)}")
+    bound = {a.name: val for a, val in zip(positional, args)}
+    names = {a.name for a in schema.arguments}
+    for name, val in kwargs.items():
+        if name not in names or name in bound or not next(a for a in schema.arguments if a.name == name).kwarg_only:
+            raise TypeError(f"{op_name}: unexpected or repeated keyword {name!r}")
+        bound[name] = val
+    for a in schema.arguments:
+        if a.name not in bound:
+            if not a.has_default_value():
+                raise TypeError(f"{op_name}: missing argument {a.name!r}")
+            bound[a.name] = a.default_value
+        _check_type(op_name, a, bound[a.name])
+    return bound
+
+
+def _check_type(op_name, arg, val):
+    kind = str(arg.type)
+    optional = kind.startswith("Optional[")
+    base = kind[len("Optional["):-1] if optional else kind
+    is_num = lambda x, t: isinstance(x, t) and not isinstance(x, bool)  # noqa: E731
+    if base == "Tensor":
+        ok = val is None or isinstance(val, torch.Tensor)  # None binds as an undefined Tensor
+    elif val is None:
+        ok = optional
+    elif base == "int":  # int and SymInt
+        ok = is_num(val, int)
+    elif base == "float":
+        ok = is_num(val, (int, float))
+    elif base == "bool":
+        ok = isinstance(val, bool)
+    elif base == "List[bool]":
+        ok = isinstance(val, (list, tuple)) and all(isinstance(x, bool) for x in val) and len(val) == (arg.N or len(val))
+    else:
+        raise NotImplementedError(f"{op_name}: the test binder does not know schema type {kind} ({arg.name})")
+    if not ok:
+        raise TypeError(f"{op_name}: argument {arg.name!r} is {kind}, got {type(val).__name__} {val!r}")
+
+
+def _meta(x):
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else x
+
+
+def _real_meta_call(op_name, bound):
+    """The real op (its own binder and meta kernel) on meta copies of the bound arguments."""
+    schema = getattr(torch.ops.aten, op_name).default._schema
+    args = [_meta(bound[a.name]) for a in schema.arguments if not a.kwarg_only]
+    kwargs = {a.name: _meta(bound[a.name]) for a in schema.arguments  # defaulted ones left out, as callers do
+              if a.kwarg_only and not (a.has_default_value() and bound[a.name] == a.default_value)}
+    return getattr(torch.ops.aten, op_name)(*args, **kwargs)
+
+
+def _same_kind(got, want, what):
+    """``got`` is what the real forward returned in this slot: None, an int, or a tensor of that dtype/shape."""
+    if want is None or not isinstance(want, torch.Tensor):
+        assert got is None if want is None else got == want, (what, got, want)
+    else:
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == want.shape, (what, got, want)
+
+
+class SchemaBoundCudaOps:
+    """CPU stand-ins for the CUDA-only aten ops. Every call is bound to the real operator schema
+    (count, order, Tensor / Tensor? / SymInt / float / bool), run through the real op's meta
+    kernel, and checked against the rules of torch's CUDA sources (attention_backward.cu,
+    flash_api.cpp); the numbers come from MathKernel. The backward must receive what the
+    real forward returns (``forwards`` keeps the meta forward outputs)."""
 
     def __init__(self):
         self.kv_heads = []
+        self.forwards = {}
 
-    def _scaled_dot_product_flash_attention(self, q, k, v, dropout, causal, debug, *, scale):
+    def _scaled_dot_product_flash_attention(self, *args, **kwargs):
+        a = bind("_scaled_dot_product_flash_attention", args, kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        assert q.dtype in (torch.float16, torch.bfloat16) and a["dropout_p"] == 0.0 and not a["return_debug_mask"]
+        meta = _real_meta_call("_scaled_dot_product_flash_attention", a)
+        self.forwards["flash"] = meta
+        self.kv_heads.append(k.shape[1])
         t = lambda x: x.transpose(1, 2)  # noqa: E731 - bhsd in, bshd for MathKernel
-        self.kv_heads.append(k.shape[1])
-        out, lse = MathKernel.forward(t(q), t(k), t(v), causal, scale)
-        return (t(out), lse) + (None,) * 7
+        out, lse = MathKernel.forward(t(q), t(k), t(v), a["is_causal"], a["scale"])
+        assert meta[0].shape == q.shape and meta[1].shape == lse.shape
+        return (t(out), lse) + tuple(meta[2:])
 
-    def _scaled_dot_product_flash_attention_backward(self, dout, q, k, v, out, lse, cq, ck, mq, mk, dropout, causal,
-                                                     seed, offset, *, scale):
+    def _scaled_dot_product_flash_attention_backward(self, *args, **kwargs):
+        a = bind("_scaled_dot_product_flash_attention_backward", args, kwargs)
+        q, k, v, out, lse = a["query"], a["key"], a["value"], a["out"], a["logsumexp"]
+        # _flash_attention_backward: a *defined* cum_seq_q selects mha_varlen_bwd, which needs
+        # int32 cu_seqlens [batch + 1] and 3-D [total_tokens, h, d] q/k/v.
+        if a["cum_seq_q"] is not None:
+            cq, ck = a["cum_seq_q"], a["cum_seq_k"]
+            assert ck is not None and cq.dtype == torch.int32 and ck.dtype == torch.int32, \
+                f"varlen branch: cu_seqlens must be int32, got {cq.dtype}/{getattr(ck, 'dtype', None)}"
+            assert q.dim() == 3 and cq.dim() == 1 and cq.numel() >= 2, "varlen branch: 3-D q and [b + 1] cu_seqlens"
+        fwd = self.forwards["flash"]  # dense path: exactly what the forward returned (derivatives.yaml)
+        for name, i in (("cum_seq_q", 2), ("cum_seq_k", 3), ("max_q", 4), ("max_k", 5), ("philox_seed", 6),
+                        ("philox_offset", 7)):
+            _same_kind(a[name], fwd[i], name)
+        assert a["max_q"] == q.shape[2] and a["max_k"] == k.shape[2] and a["dropout_p"] == 0.0
+        # mha_bwd: q, k, v, out and dout share the fp16/bf16 dtype; lse fp32 [b, h, sq]; d % 8 == 0; GQA
+        assert {t.dtype for t in (q, k, v, out, a["grad_out"])} == {q.dtype} and q.dtype in (torch.float16,
+                                                                                             torch.bfloat16)
+        assert lse.dtype == torch.float32 and lse.is_contiguous() and lse.shape == q.shape[:3]
+        assert q.shape[-1] % 8 == 0 and q.shape[1] % k.shape[1] == 0 and k.shape == v.shape
+        meta = _real_meta_call("_scaled_dot_product_flash_attention_backward", a)
+        self.kv_heads.append(k.shape[1])
         t = lambda x: x.transpose(1, 2)  # noqa: E731
-        self.kv_heads.append(k.shape[1])
-        return tuple(t(g) for g in MathKernel.backward(t(dout), t(q), t(k), t(v), t(out), lse, causal, scale))
+        grads = tuple(t(g) for g in MathKernel.backward(t(a["grad_out"]), t(q), t(k), t(v), t(out), lse,
+                                                        a["is_causal"], a["scale"]))
+        assert [g.shape for g in grads] == [m.shape for m in meta]
+        return grads
 
-    def _efficient_attention_forward(self, q, k, v, bias, cu_q, cu_k, max_q, max_k, dropout, mask_type, want_lse, *,
-                                     scale):
-        assert q.shape[2] == k.shape[2] == v.shape[2] and want_lse and mask_type in (0, 1)  # no GQA in this kernel
+    def _efficient_attention_forward(self, *args, **kwargs):
+        a = bind("_efficient_attention_forward", args, kwargs)
+        q, k, v = a["query"], a["key"], a["value"]
+        assert q.shape[2] == k.shape[2] == v.shape[2], "the efficient kernel has no GQA"
+        assert a["bias"] is None and a["cu_seqlens_q"] is None and a["cu_seqlens_k"] is None
+        assert a["compute_log_sumexp"] and a["custom_mask_type"] in (0, 1) and a["dropout_p"] == 0.0
+        meta = _real_meta_call("_efficient_attention_forward", a)
+        self.forwards["efficient"] = meta
         self.kv_heads.append(k.shape[2])
-        out, lse = MathKernel.forward(q, k, v, bool(mask_type), scale)
-        pad = -q.shape[1] % 32
-        return out, torch.nn.functional.pad(lse, (0, pad), value=float("inf")), None, None, q.shape[1], k.shape[1]
+        out, lse = MathKernel.forward(q, k, v, bool(a["custom_mask_type"]), a["scale"])
+        lse = torch.nn.functional.pad(lse, (0, meta[1].shape[-1] - lse.shape[-1]), value=float("inf"))
+        return (out, lse) + tuple(meta[2:])
 
-    def _efficient_attention_backward(self, dout, q, k, v, bias, out, cu_q, cu_k, max_q, max_k, lse, dropout, seed,
-                                      offset, mask_type, bias_grad, *, scale):
-        assert lse.shape[-1] % 32 == 0 and lse.shape[-1] >= max_q and lse.is_contiguous() and max_q == q.shape[1]
+    def _efficient_attention_backward(self, *args, **kwargs):
+        a = bind("_efficient_attention_backward", args, kwargs)
+        q, k, v, out, lse = a["query"], a["key"], a["value"], a["out"], a["logsumexp"]
+        fwd = self.forwards["efficient"]
+        # _efficient_attention_backward: dense BMHK, same heads, no cu_seqlens, no bias -> no bias grad
+        assert q.dim() == 4 and q.shape[2] == k.shape[2] == v.shape[2] and k.shape == v.shape
+        assert a["cu_seqlens_q"] is None and a["cu_seqlens_k"] is None
+        assert a["bias"] is None and a["bias_requires_grad"] is False
+        assert a["max_seqlen_q"] == fwd[4] and a["max_seqlen_k"] == fwd[5] and a["dropout_p"] == 0.0
+        _same_kind(a["philox_seed"], fwd[2], "philox_seed")
+        _same_kind(a["philox_offset"], fwd[3], "philox_offset")
+        assert lse.dtype == torch.float32 and lse.is_contiguous() and lse.shape == fwd[1].shape  # kAlignLSE rows
+        assert out.dtype == q.dtype and a["custom_mask_type"] in (0, 1)
+        # (no meta call here: torch 2.13's meta kernel for this op lacks the schema's ``out``)
         self.kv_heads.append(k.shape[2])
-        return MathKernel.backward(dout, q, k, v, out, lse[..., :max_q], bool(mask_type), scale) + (None,)
+        grads = MathKernel.backward(a["grad_out_"], q, k, v, out, lse[..., : q.shape[1]],
+                                    bool(a["custom_mask_type"]), a["scale"])
+        return grads + (None,)
 
 
-@pytest.mark.parametrize("kernel,kv_heads_seen", [(CudaFlashKernel, 2), (CudaEfficientKernel, 4)])
+@pytest.mark.parametrize("kernel,dtype,kv_heads_seen", [(CudaFlashKernel, torch.bfloat16, 2),
+                                                         (CudaEfficientKernel, torch.float32, 4)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_cuda_kernels_plumbing_on_fake_ops(monkeypatch, kernel, kv_heads_seen, causal):
-    """The CUDA kernels' layouts, LSE trimming/padding and GQA handling (untested on GPU)."""
-    fake = FakeCudaOps()
+def test_cuda_kernels_bind_to_real_schemas_and_branch_rules(monkeypatch, kernel, dtype, kv_heads_seen, causal):
+    """The CUDA kernels' forward and backward calls, bound to the real op schemas and checked
+    against torch's CUDA branch rules; their layouts, LSE trimming/padding and GQA handling."""
+    fake = SchemaBoundCudaOps()
     monkeypatch.setattr(blocks, "_aten", fake)
-    q, k, v, dout = _inputs(s=40)  # 40: the efficient kernel's LSE is padded to 64
+    q, k, v, dout = _inputs(s=40, dtype=dtype)  # 40: the efficient kernel's LSE is padded to 64
     out, lse = kernel.forward(q, k, v, causal, 0.3)
     grads = kernel.backward(dout, q, k, v, out, lse, causal, 0.3)
     want_out, want_lse = MathKernel.forward(q, k, v, causal, 0.3)
     want = MathKernel.backward(dout, q, k, v, want_out, want_lse, causal, 0.3)
-    assert lse.shape == (2, 4, 40) and torch.allclose(out, want_out) and torch.allclose(lse, want_lse)
+    assert lse.shape == (2, 4, 40) and torch.equal(out, want_out) and torch.equal(lse, want_lse)
     for got, ref, like in zip(grads, want, (q, k, v)):
-        assert got.shape == like.shape and torch.allclose(got, ref, atol=1e-6)
+        assert got.shape == like.shape and got.dtype == like.dtype and torch.equal(got, ref)
     assert fake.kv_heads == [kv_heads_seen] * 2  # flash: GQA native (2 KV heads), never repeated
+
+
+def test_schema_bound_fake_rejects_the_old_placeholders(monkeypatch):
+    """The fake can fail: torch.empty(0, int64) for cum_seq_q/k (the old call) selects the
+    varlen branch and is refused; so are a wrong argument count and a wrong type."""
+    fake = SchemaBoundCudaOps()
+    q, k, v, dout = (x.transpose(1, 2) for x in _inputs(s=40, dtype=torch.bfloat16))
+    out, lse = fake._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=0.3)[:2]
+    empty = torch.empty(0, dtype=torch.int64)
+    with pytest.raises(AssertionError, match="varlen branch"):
+        fake._scaled_dot_product_flash_attention_backward(dout, q, k, v, out, lse, empty, empty, 40, 40, 0.0, True,
+                                                          empty, empty, scale=0.3)
+    with pytest.raises(TypeError, match="positional"):
+        fake._scaled_dot_product_flash_attention_backward(dout, q, k, v, out, lse, None, None, 40, 40, 0.0, True,
+                                                          None, None, 0.3)
+    with pytest.raises(TypeError, match="max_q"):
+        fake._scaled_dot_product_flash_attention_backward(dout, q, k, v, out, lse, None, None, 40.0, 40, 0.0, True,
+                                                          None, None, scale=0.3)
 
 
 @pytest.mark.parametrize("kernel", [CudaFlashKernel, CudaEfficientKernel])

@@ -105,3 +105,25 @@ def test_enable_cpu_runtime_is_idempotent():
     assert not torch.equal(a, b)  # the forked stream advances
     torch.manual_seed(5)
     assert torch.equal(a, torch.rand(3))  # and it is seed 5's stream
+
+
+def test_rope_table_is_computed_once_and_sliced(monkeypatch):
+    """LongContextRotaryEmbedding computes the fp64 angles once per table (not per longest
+    document) and returns exactly today's rope_angles (equality, not a tolerance)."""
+    import megatron_ext.rope as rope_mod
+    from megatron_ext.megatron.rope import LongContextRotaryEmbedding
+
+    cfg = RopeConfig(scaling="abf", abf_base=5e6)
+    rot = LongContextRotaryEmbedding(16, cfg)
+    calls = []
+    real = rope_mod.inv_frequencies
+    monkeypatch.setattr(rope_mod, "inv_frequencies", lambda *a, **k: calls.append(a) or real(*a, **k))
+    spans = [(100, 0), (37, 0), (90, 5), (64, 0), (100, 28)]  # a new longest document each time
+    got = [rot.get_freqs_non_repeated(length, offset) for length, offset in spans]
+    assert len(calls) == 1  # one table of 128 positions serves every request
+    for g, (length, offset) in zip(got, spans):
+        assert torch.equal(g, rope_angles(torch.arange(offset, offset + length), 16, cfg))
+    dyn = rope_mod.RopeAngleTable(16, RopeConfig(scaling="dynamic", factor=4.0, original_max_position=64), 2)
+    for n in (100, 300, 200, 300):  # dynamic: frequencies depend on the length, one table per length
+        assert torch.equal(dyn.angles(0, n), rope_angles(torch.arange(n), 16, dyn.cfg))
+    assert len(dyn.tables) == 2  # bounded

@@ -13,7 +13,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..sharding import check_packed, local_chunks, owners, packed_index, unshard_packed, unshard_sequence
+from ..sharding import (PackedLayout, as_packed_layout, check_packed, local_chunks, owners, packed_index,
+                        unshard_packed, unshard_sequence)
 from .blocks import select_kernel
 from .checks import rank_and_size
 from .comm import all_gather_into, reduce_scatter_from
@@ -42,7 +43,15 @@ def allgather_plan(seq_len: int, rank: int, world_size: int, causal: bool, layou
 
 def packed_allgather_plan(cu_seqlens, rank: int, world_size: int) -> List[Piece]:
     """:func:`allgather_plan` per packed document: each local half against its own chunk
-    (causal) and the document's earlier rows; nothing crosses a document boundary."""
+    (causal) and the document's earlier rows; nothing crosses a document boundary.
+    Kept on a :class:`PackedLayout` per (rank, P)."""
+    if isinstance(cu_seqlens, PackedLayout):
+        return cu_seqlens.cached(("allgather_plan", rank, world_size),
+                                 lambda: _packed_allgather_plan(cu_seqlens, rank, world_size))
+    return _packed_allgather_plan(cu_seqlens, rank, world_size)
+
+
+def _packed_allgather_plan(cu_seqlens, rank: int, world_size: int) -> List[Piece]:
     cu = check_packed(cu_seqlens, world_size)
     pieces: List[Piece] = []
     for start, stop in zip(cu[:-1], cu[1:]):
@@ -128,7 +137,7 @@ def allgather_backward(dout: Tensor, q, k, v, out, lse, group, causal: bool, sca
     del kv
     if glob is not None:
         for r in range(world_size):
-            by_rank[r] = glob.index_select(2, packed_index(cu_seqlens, r, world_size).to(glob.device))
+            by_rank[r] = glob.index_select(2, packed_index(cu_seqlens, r, world_size, glob.device))
         del glob
     mine = torch.empty((2,) + tuple(k.shape), dtype=acc, device=k.device)
     if world_size == 1:
@@ -150,6 +159,7 @@ def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: 
     ``cu_seqlens``: packed documents (global padded cu_seqlens, q/k/v from ``shard_packed``),
     each attending to itself causally; needs causal=True, layout="zigzag".
     """
+    cu_seqlens = as_packed_layout(cu_seqlens)  # read once; forward and backward share what is derived
     if cu_seqlens is not None:
         local_docs(cu_seqlens, rank_and_size(group)[1], q.shape[1], causal, layout)
     return apply_cp_attention(AllGatherAttentionFunction, q, k, v, group, causal, softmax_scale, layout, cu_seqlens)

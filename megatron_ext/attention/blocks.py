@@ -129,13 +129,38 @@ class CudaFlashKernel:
 
     @staticmethod
     def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+        """dout, out: [b, sq, h, d] (q's dtype); lse: [b, h, sq] fp32 -> dq, dk, dv like q, k, v.
+
+        Passes what torch's own derivative of ``_scaled_dot_product_flash_attention`` passes
+        (tools/autograd/derivatives.yaml): the forward's cum_seq_q/k, max_q/k and rng state.
+        The forward's bookkeeping is rebuilt, not kept, because this backward recomputes from
+        the *global* lse and runs per block; at dropout 0 on dense input it is fixed by the
+        shapes, see :func:`flash_dense_bookkeeping`."""
         t = lambda x: x.transpose(1, 2)  # noqa: E731
-        empty = torch.empty(0, device=q.device, dtype=torch.int64)
+        cum_q, cum_k, max_q, max_k, rng_state, unused = flash_dense_bookkeeping(q, k)
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
             t(dout), t(q), t(k), t(v), t(out), lse.contiguous(),
-            empty, empty, q.shape[1], k.shape[1], 0.0, causal, empty, empty, scale=scale,
+            cum_q, cum_k, max_q, max_k, 0.0, causal, rng_state, unused, scale=scale,
         )
         return t(dq), t(dk), t(dv)
+
+
+def flash_dense_bookkeeping(q: Tensor, k: Tensor):
+    """What ``aten._scaled_dot_product_flash_attention`` returns besides (out, lse) for
+    dense bhsd input at dropout 0, for q [b, sq, h, d], k [b, sk, h_kv, d] (bshd):
+    ``(cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused)``.
+
+    * cum_seq_q/k: undefined tensors (None). ``_flash_attention_backward`` takes the
+      variable-length branch (``mha_varlen_bwd``: int32 cu_seqlens, 3-D total-token
+      layout) whenever cum_seq_q is *defined*, so a placeholder tensor there breaks
+      every dense backward.
+    * max_q/max_k: the query and key lengths (``query.size(2)``, ``key.size(2)``).
+    * rng_state [2] and unused [] uint64 on q's device, uninitialised at dropout 0, as
+      FA2's ``mha_fwd`` allocates them; ``mha_bwd`` reads them only when dropout > 0.
+    """
+    rng_state = torch.empty(2, dtype=torch.uint64, device=q.device)
+    unused = torch.empty((), dtype=torch.uint64, device=q.device)
+    return None, None, q.shape[1], k.shape[1], rng_state, unused
 
 
 class CudaEfficientKernel:
@@ -143,7 +168,10 @@ class CudaEfficientKernel:
 
     The ops work in bshd ("BMHK") directly. Their LSE is [b, h, sq rounded up to 32];
     the forward returns the first sq columns, and the backward pads the global LSE back.
-    The kernel has no GQA: K/V heads are repeated per block and dk, dv folded back."""
+    The kernel has no GQA: K/V heads are repeated per block and dk, dv folded back.
+    Both calls match torch's own (``_scaled_dot_product_efficient_attention_cuda`` and the
+    derivative of ``_efficient_attention_forward``): no bias, no cu_seqlens (dense), mask
+    type 1 = causal from the top left, ``bias_requires_grad`` False."""
 
     name = "cuda_efficient"
     LSE_ALIGN = 32  # the kernel's LSE row padding (kAlignLSE)
@@ -153,16 +181,19 @@ class CudaEfficientKernel:
         g = q.shape[2] // k.shape[2]
         res = _aten._efficient_attention_forward(
             q, _expand(k, g), _expand(v, g), None, None, None, None, None, 0.0, int(causal), True, scale=scale)
-        return res[0], res[1][..., : q.shape[1]].contiguous()  # mask type 1 = causal from top left
+        return res[0], res[1][..., : q.shape[1]].contiguous()
 
     @classmethod
     def backward(cls, dout, q, k, v, out, lse, causal: bool, scale: float):
+        """dout, out: [b, sq, h, d]; lse: [b, h, sq] -> dq, dk, dv like q, k, v."""
         g, sq = q.shape[2] // k.shape[2], q.shape[1]
         lse = F.pad(lse.float(), (0, -sq % cls.LSE_ALIGN)).contiguous()
-        no_dropout = torch.zeros((), dtype=torch.int64)  # philox seed/offset: unread at dropout 0
+        # The forward's philox seed/offset at dropout 0 outside graph capture: int64 scalars
+        # on the host, uninitialised; the backward reads them only when dropout > 0.
+        seed, offset = (torch.empty((), dtype=torch.int64) for _ in range(2))
         dq, dk, dv, _ = _aten._efficient_attention_backward(
             dout, q, _expand(k, g), _expand(v, g), None, out.to(q.dtype), None, None, sq, k.shape[1], lse, 0.0,
-            no_dropout, no_dropout, int(causal), False, scale=scale)
+            seed, offset, int(causal), False, scale=scale)
         return dq, _fold(dk, g), _fold(dv, g)
 
 

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..sharding import as_packed_layout
 from .checks import rank_and_size, validate
 from .packed import local_docs
 from .ulysses import UlyssesAttentionFunction, kv_replication
@@ -78,6 +79,7 @@ def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group, ring_group,
     q/k/v from ``shard_packed`` at the CP rank), each attending to itself causally.
     """
     u_size, r_size = rank_and_size(ulysses_group)[1], rank_and_size(ring_group)[1]
+    cu_seqlens = as_packed_layout(cu_seqlens)  # read once; forward and backward share what is derived
     if cu_seqlens is not None:
         local_docs(cu_seqlens, u_size * r_size, q.shape[1], causal, layout)
     validate(q, k, v, ulysses_group, causal, layout, cp_size=u_size * r_size)

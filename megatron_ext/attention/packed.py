@@ -17,7 +17,7 @@ from typing import List, NamedTuple
 
 import torch
 
-from ..sharding import check_packed
+from ..sharding import PackedLayout, check_packed
 
 Tensor = torch.Tensor
 
@@ -34,13 +34,21 @@ def local_docs(cu_seqlens, world_size: int, s_local: int, causal: bool = True,
     """The local layout ``cu_seqlens / P`` as LocalDocs; raises ValueError on misuse.
 
     cu_seqlens: the *global padded* cu_seqlens (int [n_docs + 1], from
-    ``pad_packed_lengths``), identical on every rank; s_local: local rows.
+    ``pad_packed_lengths``), identical on every rank, or its :class:`PackedLayout`
+    (then built once per (P, s_local) and kept); s_local: local rows. Do not modify the list.
     """
     if not causal:
         raise ValueError("cu_seqlens needs causal=True: pads sit at each document's end and would be "
                          "attended by bidirectional attention")
     if layout != "zigzag":
         raise ValueError(f"cu_seqlens needs layout='zigzag' (per-document zigzag from shard_packed), got {layout!r}")
+    if isinstance(cu_seqlens, PackedLayout):
+        return cu_seqlens.cached(("local_docs", world_size, s_local),
+                                 lambda: _local_docs(cu_seqlens, world_size, s_local))
+    return _local_docs(cu_seqlens, world_size, s_local)
+
+
+def _local_docs(cu_seqlens, world_size: int, s_local: int) -> List[LocalDoc]:
     cu = check_packed(cu_seqlens, world_size, s_local * world_size)
     return [LocalDoc(a // world_size, (b - a) // (2 * world_size)) for a, b in zip(cu[:-1], cu[1:])]
 

@@ -18,6 +18,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..sharding import as_packed_layout
 from .blocks import select_kernel
 from .checks import rank_and_size
 from .comm import TAG_DKV, TAG_KV, RingComm, wait_all
@@ -345,6 +346,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
     """
     if kv_chunks is not None and (not isinstance(kv_chunks, int) or isinstance(kv_chunks, bool) or kv_chunks < 1):
         raise ValueError(f"kv_chunks must be None or a positive int, got {kv_chunks!r}")
+    cu_seqlens = as_packed_layout(cu_seqlens)  # read once; forward and backward share what is derived
     if cu_seqlens is not None:
         local_docs(cu_seqlens, rank_and_size(group)[1], q.shape[1], causal, layout)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ..sharding import as_packed_layout
 from .checks import LOCAL_ONLY, rank_and_size, validate
 from .packed import LocalDoc, local_docs
 from .ring import ring_backward, ring_forward
@@ -181,6 +182,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bo
     ``cu_seqlens``: packed documents (global padded cu_seqlens, q/k/v from ``shard_packed``),
     each attending to itself causally; needs causal=True, layout="zigzag".
     """
+    cu_seqlens = as_packed_layout(cu_seqlens)  # read once; forward and backward share what is derived
     if cu_seqlens is not None:
         local_docs(cu_seqlens, rank_and_size(group)[1], q.shape[1], causal, layout)
     validate(q, k, v, group, causal, layout)

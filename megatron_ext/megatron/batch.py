@@ -9,6 +9,7 @@ count (the bug class of Megatron-LM #1764 and torchtitan #3280).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from ..attention.checks import rank_and_size
-from ..sharding import pad_packed_lengths, packed_position_ids, shard_packed, shard_sequence
+from ..sharding import PackedLayout, pad_packed_lengths, packed_position_ids, shard_packed, shard_sequence
 
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -48,8 +49,24 @@ def mask_document_ends(loss_mask: torch.Tensor, doc_lengths: Sequence[int]) -> t
     return out
 
 
+@dataclass
+class HostPackedSeqParams(PackedSeqParams):
+    """megatron-core's PackedSeqParams plus the micro-batch's packed layout on the host.
+
+    A subclass, not a side object: megatron-core hands ``packed_seq_params`` unchanged from
+    GPTModel down to every layer's core attention, so what rides on it reaches
+    :class:`~megatron_ext.megatron.core_attention.ContextParallelAttention` with no new
+    argument, and code that knows only PackedSeqParams still sees a PackedSeqParams.
+    """
+
+    host: Optional[PackedLayout] = None
+    """Global padded cu_seqlens as host ints (equal for q and kv); the CP attention reads this
+    and keeps its per-document spans on it, so no layer or pass reads cu_seqlens back."""
+
+
 def get_thd_batch_on_this_cp_rank(batch: Dict[str, Optional[torch.Tensor]], doc_lengths: Sequence[int],
-                                  cp_group, tp_size: int = 1) -> Tuple[Dict[str, torch.Tensor], PackedSeqParams]:
+                                  cp_group, tp_size: int = 1, cu_seqlens_device: bool = False
+                                  ) -> Tuple[Dict[str, torch.Tensor], HostPackedSeqParams]:
     """Pure-torch stand-in for megatron-core's TE-only ``get_thd_batch_on_this_cp_rank``.
 
     batch: ``SEQUENCE_KEYS`` entries [1, t] holding documents of ``doc_lengths`` back to
@@ -57,7 +74,14 @@ def get_thd_batch_on_this_cp_rank(batch: Dict[str, Optional[torch.Tensor]], doc_
     0, label 0, loss 0; x TP so that sequence parallelism can split the local tokens), then
     sharded per document (``shard_packed``). Returns the local batch
     [1, t_pad / P] (position_ids restart per document; the loss is masked on pads and
-    on each document's last token) and mcore's PackedSeqParams with global cu_seqlens.
+    on each document's last token) and a :class:`HostPackedSeqParams` with global cu_seqlens.
+
+    Where cu_seqlens live: ``params.host`` always holds the padded ones on the host. The
+    int32 tensors in mcore's own fields stay on the host too unless ``cu_seqlens_device``:
+    with our core attention their only reader is megatron-core's unfused thd RoPE, which
+    calls ``.tolist()`` on them in every layer (a device sync each time on a GPU copy).
+    Set ``cu_seqlens_device`` when a TransformerEngine kernel reads them
+    (``TransformerConfig.apply_rope_fusion``, or TE's own attention).
     """
     rank, size = rank_and_size(cp_group)
     lengths = [int(n) for n in doc_lengths]
@@ -68,7 +92,8 @@ def get_thd_batch_on_this_cp_rank(batch: Dict[str, Optional[torch.Tensor]], doc_
     if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] != int(cu[-1]):
         raise ValueError(f"get_thd_batch_on_this_cp_rank: tokens must be [1, sum(doc_lengths)={int(cu[-1])}] "
                          f"(packed sequences have micro batch size 1), got {tuple(tokens.shape)}")
-    dest = torch.cat([torch.arange(a, a + n) for a, n in zip(cu_pad[:-1].tolist(), lengths)])
+    host = PackedLayout(cu_pad)  # built on the host here: no device read, shard indices kept on it
+    dest = torch.cat([torch.arange(a, a + n) for a, n in zip(host.cu[:-1], lengths)])
     out = {}
     for key, value in batch.items():
         if key == "attention_mask" or value is None:
@@ -79,12 +104,13 @@ def get_thd_batch_on_this_cp_rank(batch: Dict[str, Optional[torch.Tensor]], doc_
             value = mask_document_ends(value, lengths)
         padded = value.new_zeros((1, int(cu_pad[-1])))
         padded[:, dest.to(value.device)] = value
-        out[key] = shard_packed(padded, 1, cu_pad, rank, size)
-    out["position_ids"] = packed_position_ids(cu_pad, rank, size).unsqueeze(0).to(tokens.device)
-    longest = int((cu_pad[1:] - cu_pad[:-1]).max())
-    cu, cu_pad = cu.to(tokens.device), cu_pad.to(tokens.device)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_pad,
-                             cu_seqlens_kv_padded=cu_pad, max_seqlen_q=longest, max_seqlen_kv=longest)
+        out[key] = shard_packed(padded, 1, host, rank, size)
+    out["position_ids"] = packed_position_ids(host, rank, size).unsqueeze(0).to(tokens.device)
+    longest = max(b - a for a, b in zip(host.cu[:-1], host.cu[1:]))
+    if cu_seqlens_device:
+        cu, cu_pad = cu.to(tokens.device), cu_pad.to(tokens.device)
+    params = HostPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_pad,
+                                 cu_seqlens_kv_padded=cu_pad, max_seqlen_q=longest, max_seqlen_kv=longest, host=host)
     return out, params
 
 

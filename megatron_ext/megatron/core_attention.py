@@ -7,6 +7,9 @@ No dense [s, s] mask is ever built: causal masking is done block-wise by the
 CP kernels, and ``attention_mask`` is ignored for the causal and no-mask types.
 Packed sequences come as mcore's ``PackedSeqParams(qkv_format="thd")`` with
 q/k/v [t_local, h, d]; documents then attend only to themselves (``cu_seqlens``).
+Built by :func:`~megatron_ext.megatron.batch.get_thd_batch_on_this_cp_rank`, they carry the
+layout on the host (``HostPackedSeqParams.host``), so no layer reads cu_seqlens back from
+the device; a plain PackedSeqParams costs one such read per layer and pass.
 """
 from __future__ import annotations
 
@@ -108,12 +111,15 @@ class ContextParallelAttention(MegatronModule):
 
 
 def _packed_cu_seqlens(params, layer_number: int):
-    """The global padded cu_seqlens of mcore's PackedSeqParams (None when not packed)."""
+    """The global padded cu_seqlens of mcore's PackedSeqParams (None when not packed): the
+    host :class:`~megatron_ext.sharding.PackedLayout` of a HostPackedSeqParams, else the tensor."""
     if params is None:
         return None
     if params.qkv_format != "thd":
         raise NotImplementedError(f"ContextParallelAttention supports packed_seq_params with qkv_format='thd', "
                                   f"not {params.qkv_format!r} (layer {layer_number})")
+    if getattr(params, "host", None) is not None:  # checked once where the batch was built
+        return params.host
     cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
     cu_kv = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
     if cu_q is None or cu_kv is None or not torch.equal(cu_q.cpu(), cu_kv.cpu()):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-from ..rope import RopeConfig, rope_angles
+from ..rope import RopeAngleTable, RopeConfig
 
 
 class LongContextRotaryEmbedding(RotaryEmbedding):
@@ -14,6 +14,8 @@ class LongContextRotaryEmbedding(RotaryEmbedding):
     [s_local, 1, 1, d]), so it replaces ``GPTModel.rotary_pos_emb``; the zigzag CP
     slicing stays megatron-core's. ``scaling_length`` (0: the rotated length) is
     the sequence length ``dynamic`` scales for, so a caller that pads can keep it.
+    Angles come from a :class:`RopeAngleTable` (computed once, sliced per call): megatron-core
+    caches ``forward`` per length, and a packed batch brings a new longest document each time.
     """
 
     def __init__(self, kv_channels: int, rope: RopeConfig, rotary_percent: float = 1.0, cp_group=None):
@@ -22,7 +24,8 @@ class LongContextRotaryEmbedding(RotaryEmbedding):
         self.rope = rope
         self.rotary_dim = int(kv_channels * rotary_percent)
         self.scaling_length = 0
+        self.angle_table = RopeAngleTable(self.rotary_dim, rope)
 
     def get_freqs_non_repeated(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
-        positions = torch.arange(offset, offset + max_seq_len, dtype=torch.long)
-        return rope_angles(positions, self.rotary_dim, self.rope, self.scaling_length).to(self.inv_freq.device)
+        """fp32 [max_seq_len, rotary_dim / 2] angles of positions offset .. offset + max_seq_len - 1."""
+        return self.angle_table.angles(offset, max_seq_len, self.scaling_length, self.inv_freq.device)

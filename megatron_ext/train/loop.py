@@ -148,9 +148,10 @@ class Trainer:
         if "doc_lengths" not in micro_batch:
             return get_batch_on_this_cp_rank(batch, cp_group)
         (doc_lengths,) = micro_batch["doc_lengths"]  # validate() keeps micro_batch_size at 1
+        config = self.model[0].config
         local, params = get_thd_batch_on_this_cp_rank(
             batch, doc_lengths, cp_group, tp_size=self.ps.get_tensor_model_parallel_world_size()
-            if self.model[0].config.sequence_parallel else 1)
+            if config.sequence_parallel else 1, cu_seqlens_device=config.apply_rope_fusion)  # TE's RoPE reads them
         return {**local, "packed_seq_params": params}
 
     def _run_schedule(self, micro_batches, forward_only: bool):
