@@ -142,7 +142,7 @@ def render(spec: JobSpec) -> str:
     if spec.template == "trainjob":
         from .trainjob import render_trainjob
 
-        return render_trainjob(spec, nproc, NCCL_DEFAULTS if spec.device == "cuda" else ())
+        return render_trainjob(spec, nproc, NCCL_DEFAULTS if spec.device == "cuda" else (), grace.seconds)
     q = shlex.quote
     values = {
         "job_name": _safe_name(spec.job_name), "job_name_q": q(spec.job_name), "nodes": spec.nodes,

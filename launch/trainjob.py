@@ -42,9 +42,11 @@ def _header(text: str) -> str:
     return "".join(line for line in text.splitlines(True) if line.startswith("#"))
 
 
-def render_trainjob(spec, nproc: int, env=()) -> str:
+def render_trainjob(spec, nproc: int, env=(), grace_s: int = 120) -> str:
     """The runtime (unless ``spec.runtime``) and the TrainJob as YAML text; ``spec`` is a
-    checked :class:`launch.render.JobSpec`, ``env`` extra ``NAME=VALUE`` pairs for the trainer."""
+    checked :class:`launch.render.JobSpec`, ``env`` extra ``NAME=VALUE`` pairs for the trainer,
+    ``grace_s`` the pods' terminationGracePeriodSeconds (:func:`launch.render.job_grace`; only
+    the runtime we write carries it: an installed ``--runtime`` keeps its own)."""
     with open(TEMPLATE) as f:
         text = f.read()
     runtime, job = yaml.safe_load_all(text)
@@ -53,7 +55,7 @@ def render_trainjob(spec, nproc: int, env=()) -> str:
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", runtime_name):
         raise ValueError(f"--runtime {runtime_name!r} is not a Kubernetes object name "
                          f"(lowercase letters, digits, '-' and '.', at most 253)")
-    _fill_runtime(runtime, spec, runtime_name)
+    _fill_runtime(runtime, spec, runtime_name, grace_s)
     job["metadata"].update(name=name, labels={"app": "megatron-ext", "job-name": name},
                            annotations={"megatron-ext/job-name": spec.job_name})
     job["spec"]["runtimeRef"]["name"] = runtime_name
@@ -68,10 +70,12 @@ def render_trainjob(spec, nproc: int, env=()) -> str:
     return _header(text) + yaml.safe_dump_all(docs, sort_keys=False)
 
 
-def _fill_runtime(runtime: dict, spec, name: str) -> None:
+def _fill_runtime(runtime: dict, spec, name: str, grace_s: int) -> None:
     runtime["metadata"]["name"] = name
     runtime["metadata"]["labels"]["app"] = "megatron-ext"
     jobset = runtime["spec"]["template"]["spec"]
     jobset["failurePolicy"]["maxRestarts"] = spec.max_restarts
-    container = jobset["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
+    pod = jobset["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    pod["terminationGracePeriodSeconds"] = grace_s  # SIGTERM, then this long to finish and save
+    container = pod["containers"][0]
     container.update(image=spec.image, workingDir=spec.repo)

@@ -53,6 +53,14 @@ def test_k8s_grace_period_matches_slurm_lead():
         assert specs[role]["template"]["spec"]["terminationGracePeriodSeconds"] == lead()
 
 
+def test_trainjob_runtime_grace_period_matches_slurm_lead():
+    docs = list(yaml.safe_load_all(render("--template", "trainjob", "--config", PAPER, "--nodes", "8",
+                                          "--gpus-per-node", "8").stdout))
+    runtime = next(d for d in docs if d["kind"] == "ClusterTrainingRuntime")
+    pod = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == lead() > 120
+
+
 def test_lead_grows_with_iteration_and_save_time():
     base = lead()
     cfg = load_config(PAPER, [])
