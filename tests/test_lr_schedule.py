@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from megatron_ext.train.config import OptimConfig, TrainConfig, _check_lr_schedule
+from megatron_ext.train.config import OptimConfig, TrainConfig
+from megatron_ext.train.config_checks import check_lr_schedule as _check_lr_schedule
 from megatron_ext.train.optim import scheduler_kwargs
 
 

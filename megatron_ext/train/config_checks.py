@@ -1,6 +1,9 @@
-"""Rules for the model choices megatron-core takes from us (recompute, transformer_impl);
-split from config.py, which holds the dataclasses and the loader."""
+"""Rules that validate() applies to a config: heads and CP/TP splits, the virtual pipeline,
+the learning-rate schedule, and the model choices megatron-core takes from us (recompute,
+transformer_impl). Split from config.py, which holds the dataclasses, the loader and validate()."""
 from __future__ import annotations
+
+from typing import Optional
 
 from ..plan.layouts import RECOMPUTE_MODULES
 
@@ -45,3 +48,65 @@ def _check_recompute(cfg) -> None:
         if not 1 <= n <= per_chunk:
             raise ValueError(f"model.recompute_num_layers {n} must be between 1 and the layers per pipeline chunk, "
                              f"num_layers / (PP x VP) = {m.num_layers} / {pp * vp} = {per_chunk}")
+
+
+def check_heads(cfg) -> None:
+    """TP splits heads and query groups; Ulysses splits this TP rank's heads."""
+    p, m = cfg.parallel, cfg.model
+    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
+    if p.cp_comm_type not in ("p2p", "all_gather", "a2a", "a2a+p2p"):
+        raise ValueError(f"parallel.cp_comm_type {p.cp_comm_type!r} is not one of p2p, all_gather, a2a, a2a+p2p")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ValueError(f"model.num_query_groups {m.num_query_groups} must divide "
+                         f"model.num_attention_heads {m.num_attention_heads}")
+    for key, n in (("num_attention_heads", m.num_attention_heads), ("num_query_groups", m.num_query_groups)):
+        if n % tp:
+            raise ValueError(f"parallel.tensor_model_parallel_size {tp} must divide model.{key} {n}")
+    heads = m.num_attention_heads // tp
+    ulysses = {"a2a": cp, "a2a+p2p": p.ulysses_size}.get(p.cp_comm_type, 1) if cp > 1 else 1
+    if p.cp_comm_type == "a2a+p2p" and cp % p.ulysses_size:
+        raise ValueError(f"parallel.ulysses_size {p.ulysses_size} must divide CP {cp}")
+    if heads % ulysses:
+        raise ValueError(f"Ulysses size {ulysses} ({p.cp_comm_type}) must divide the heads per TP rank: "
+                         f"num_attention_heads / TP = {m.num_attention_heads} / {tp} = {heads}")
+    if p.sequence_parallel and tp == 1:
+        raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+
+
+def virtual_pipeline_size(cfg) -> Optional[int]:
+    """Model chunks per pipeline rank for megatron-core: None without interleaving (VP unset or 1)."""
+    vp = cfg.parallel.virtual_pipeline_model_parallel_size
+    return None if vp in (None, 1) else vp
+
+
+def check_virtual_pipeline(cfg) -> None:
+    """Interleaved 1F1B: each of the PP x VP chunks gets an equal share of the layers."""
+    vp, pp, layers = virtual_pipeline_size(cfg), cfg.parallel.pipeline_model_parallel_size, cfg.model.num_layers
+    if vp is None:
+        return
+    if vp < 1:
+        raise ValueError(f"parallel.virtual_pipeline_model_parallel_size {vp} must be unset or >= 1")
+    if pp == 1:
+        raise ValueError(f"parallel.virtual_pipeline_model_parallel_size {vp} needs "
+                         f"parallel.pipeline_model_parallel_size > 1 (got 1)")
+    if layers % (pp * vp):
+        raise ValueError(f"parallel.pipeline_model_parallel_size x virtual_pipeline_model_parallel_size = {pp} x {vp} "
+                         f"= {pp * vp} must divide model.num_layers {layers}")
+
+
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+
+
+def check_lr_schedule(o) -> None:
+    """optim.lr_decay_style and its WSD settings, as megatron-core's scheduler accepts them."""
+    if o.lr_decay_style not in LR_DECAY_STYLES:
+        raise ValueError(f"optim.lr_decay_style {o.lr_decay_style!r} is not one of {', '.join(LR_DECAY_STYLES)}")
+    if o.lr_decay_style != "WSD":
+        return
+    if o.lr_wsd_decay_style not in WSD_DECAY_STYLES:
+        raise ValueError(f"optim.lr_wsd_decay_style {o.lr_wsd_decay_style!r} is not one of "
+                         f"{', '.join(WSD_DECAY_STYLES)}")
+    if not 0 < o.lr_wsd_decay_iters <= o.train_iters - o.warmup_iters:
+        raise ValueError(f"optim.lr_wsd_decay_iters {o.lr_wsd_decay_iters} must be in 1..train_iters - warmup_iters "
+                         f"= {o.train_iters - o.warmup_iters} with lr_decay_style WSD")
