@@ -5,6 +5,7 @@ truncated shards, a full disk, and SIGTERM in the middle of an iteration with as
 Losses at the same layout are compared bitwise; across layouts within 1e-4 relative
 (another reduction order, as tests/test_train_core.py)."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -103,8 +104,10 @@ def test_disk_full_during_save_reports_and_keeps_the_previous_checkpoint(data, r
         res = train(data, save, nproc=2, extra=RUN + [f"data.cache_dir={tmp_path / 'cache'}"])
         out = res.stdout + res.stderr
         assert res.returncode != 0, out[-3000:]  # run_stage returns 3; torchrun exits 1 for any failed worker
-        assert f"train: checkpoint error: saving {save}/step-4 failed" in out and "No space left on device" in out, \
-            out[-3000:]
+        assert f"train: checkpoint error: saving {save}/step-4 failed" in out, out[-3000:]
+        # torch's writer reports ENOSPC or a short write ("unexpected pos"), by timing: the free space says which
+        free = re.search(r"([0-9.]+) MiB were free on the checkpoint filesystem", out)
+        assert free and float(free.group(1)) < 1.0, out[-3000:]
         assert f"the newest complete checkpoint, {save}/step-2, is intact" in out
         assert complete_steps(save) == [2] and not os.path.exists(os.path.join(save, "step-4.partial"))
         verify(os.path.join(save, "step-2"))  # every file the metadata lists, whole

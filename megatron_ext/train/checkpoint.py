@@ -259,11 +259,14 @@ class CheckpointSaver:
             yield
         except (Exception, CheckpointException) as e:
             final, self.inflight = self.inflight, None
+            # a full disk often surfaces as a short write inside torch's writer, not ENOSPC: say how full it is
+            free_mib = shutil.disk_usage(self.save_dir).free / 2**20
             if final:
                 remove_partial(final)
             kept = latest_checkpoint(self.save_dir)
-            raise CheckpointSaveError(f"saving {final} failed ({type(e).__name__}: {e}); its partial folder was "
-                                      f"removed; the newest complete checkpoint, {kept or 'none'}, is intact") from e
+            raise CheckpointSaveError(f"saving {final} failed ({type(e).__name__}: {e}); {free_mib:.1f} MiB were free "
+                                      f"on the checkpoint filesystem; its partial folder was removed; the newest "
+                                      f"complete checkpoint, {kept or 'none'}, is intact") from e
 
     def pending(self) -> bool:
         """Whether an async save is still being written."""
