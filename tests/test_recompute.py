@@ -91,22 +91,31 @@ def test_paper_configs_take_the_cheapest_recompute_that_fits(stage):
     assert "Recompute:" in open(PAPER[stage]).read()  # the config says why
 
 
-@pytest.mark.xfail(reason="failed in the last locked run, not yet diagnosed (manual 1-step runs of "
-                          "selective core_attn and mlp succeeded); see the gputrain report", strict=False)
-def test_selective_and_block_recompute_train_like_none(data, tmp_path):
-    """megatron-core checkpoints our CP core attention and the MLP (2 ranks, CP=2):
-    the losses match the run without recompute."""
+def _recompute_runs(data, tmp_path, runs):
+    """Train 2 iterations (2 ranks, CP=2) without recompute and with each of ``runs``; the
+    losses must match the run without recompute."""
     from tests.test_train import losses, train
 
-    runs = {}
-    for name, extra in (("none", []),
-                        ("selective", ["model.recompute_granularity=selective",
-                                       "model.recompute_modules=[core_attn, mlp]"]),
-                        ("block", ["model.recompute_granularity=full", "model.recompute_method=block",
-                                   "model.recompute_num_layers=1"])):
+    got = {}
+    for name, extra in (("none", []), *runs):
         save = str(tmp_path / name)
         res = train(data, save, nproc=2, extra=["optim.train_iters=2", *extra])
         assert res.returncode == 0, res.stderr[-2000:]
-        runs[name] = [r["loss"] for r in losses(save)]
-    for name in ("selective", "block"):
-        assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(runs["none"], runs[name])), runs
+        got[name] = [r["loss"] for r in losses(save)]
+    for name, _ in runs:
+        assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(got["none"], got[name])), got
+
+
+def test_block_recompute_trains_like_none(data, tmp_path):
+    """megatron-core's full recompute of the first layer only (the paper configs' method)."""
+    _recompute_runs(data, tmp_path, [("block", ["model.recompute_granularity=full", "model.recompute_method=block",
+                                                "model.recompute_num_layers=1"])])
+
+
+@pytest.mark.xfail(reason="known defect (#23, open): with recompute_modules=[core_attn, mlp] the 2-rank CP=2 run "
+                          "hangs and its rank grows without bound (24 GiB seen) until the test's timeout kills it; "
+                          "single-module 1-step runs succeeded. Not yet diagnosed.", strict=False)
+def test_selective_recompute_trains_like_none(data, tmp_path):
+    """megatron-core checkpoints our CP core attention and the MLP."""
+    _recompute_runs(data, tmp_path, [("selective", ["model.recompute_granularity=selective",
+                                                    "model.recompute_modules=[core_attn, mlp]"])])
