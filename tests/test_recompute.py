@@ -112,9 +112,11 @@ def test_block_recompute_trains_like_none(data, tmp_path):
                                                 "model.recompute_num_layers=1"])])
 
 
-@pytest.mark.xfail(reason="known defect (#23, open): with recompute_modules=[core_attn, mlp] the 2-rank CP=2 run "
-                          "hangs and its rank grows without bound (24 GiB seen) until the test's timeout kills it; "
-                          "single-module 1-step runs succeeded. Not yet diagnosed.", strict=False)
+# Skipped, not xfail: the hung rank's memory grows until the timeout kills it, which on a
+# 24 GiB CI machine can starve the tests beside it. To reproduce, remove the mark.
+@pytest.mark.skip(reason="known defect (#23, open): with recompute_modules=[core_attn, mlp] the 2-rank CP=2 run "
+                         "hangs in its 2nd iteration and a rank's memory grows without bound (24 GiB seen); "
+                         "single-module 1-step runs succeeded. Not yet diagnosed.")
 def test_selective_recompute_trains_like_none(data, tmp_path):
     """megatron-core checkpoints our CP core attention and the MLP."""
     _recompute_runs(data, tmp_path, [("selective", ["model.recompute_granularity=selective",
