@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 
 from bench.common import print_table, write_json
+from data_tools.sysinfo import peak_rss_bytes, reset_peak_rss
 
 SEQ, VOCAB = 256, 8192
 MODEL = dict(num_layers=4, hidden_size=512, ffn_hidden_size=1536, num_attention_heads=8, num_query_groups=8)
@@ -92,25 +93,14 @@ def train_config(case: Case, fmt: str, save_dir: str):
         checkpoint=CheckpointConfig(**ckpt), precision="fp32", recompute=False)
 
 
-def _status(key: str) -> int:
-    """``key`` (VmRSS, VmHWM) of this process, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
 def peak_added(fn) -> tuple:
     """(result of ``fn()``, peak resident bytes it added over the RSS at its start)."""
     import gc
 
     gc.collect()
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
+    before = reset_peak_rss()  # VmHWM := VmRSS
     out = fn()
-    return out, _status("VmHWM") - before
+    return out, peak_rss_bytes() - before
 
 
 def _save(trainer, fmt: str, save_dir: str) -> str:

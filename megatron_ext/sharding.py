@@ -172,10 +172,6 @@ class PackedLayout:
             self.memo[key] = build()
         return self.memo[key]
 
-    def tensor(self) -> torch.Tensor:
-        """int32 [n_docs + 1] on the host."""
-        return torch.tensor(self.cu, dtype=torch.int32)
-
     def __repr__(self) -> str:
         return f"PackedLayout({list(self.cu[:8])}{'...' if len(self.cu) > 8 else ''}, n_docs={len(self.cu) - 1})"
 
