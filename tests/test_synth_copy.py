@@ -112,3 +112,17 @@ def test_split_digits_gives_one_piece_per_digit(tmp_path):
     digits = [p for p in pieces[True] if any(c.isdigit() for c in p)]
     assert digits == ["5", "1", "2", "5", "2", "1", "2", "3"]  # one piece per digit, none mixed with "."
     assert len([p for p in pieces[False] if any(c.isdigit() for c in p)]) < 8  # without it numbers merge
+
+
+def test_span_samples_survive_an_empty_lead_in():
+    """A drawn lead-in budget of 0 tokens (or a span at the document's start) gives no lead-in, not a crash.
+
+    The first 90-minute run died here: ``_fit_words`` read ``words[0]`` of an empty slice."""
+    from data_tools.synth.copytext import CopyBuilder, CopyConfig
+
+    words = " ".join(f"w{i}" for i in range(600))
+    builder = CopyBuilder([words], lambda t: len(t.split()), CopyConfig(target_tokens=400, kinds=("span",),
+                                                                        weights=(1.0,), seed=0))
+    assert builder._fit_words([], 5) == [] and builder._fit_words(["a ", "b "], 0) == []
+    rows = [s for s, _ in zip(builder.samples(), range(300))]
+    assert all(r["meta"]["n_tokens"] <= 400 and r["text"].count(r["meta"]["span"].strip()) >= 2 for r in rows)

@@ -95,7 +95,10 @@ class CopyBuilder:
             yield {"text": text, "meta": dict(task="copy", kind=kind, doc=doc, n_tokens=self.count(text), **extra)}
 
     def _fit_words(self, words: List[str], target: int) -> List[str]:
-        """The longest prefix of ``words`` within ``target`` tokens (at least one word)."""
+        """The longest prefix of ``words`` within ``target`` tokens (at least one word unless there are none
+        or ``target`` is 0)."""
+        if not words or target <= 0:
+            return []
         if self.count(words[0]) >= target:
             return words[:1]
         n, _, _ = largest_fitting(lambda k: "".join(words[:k]), self.count, 1, len(words), target,
