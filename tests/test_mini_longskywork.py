@@ -193,3 +193,20 @@ def test_haystack_split_by_content_keeps_copies_on_one_side():
     assert {content_key(lines[i]) for i in by_index} & rest
     with pytest.raises(RuntimeError, match="only 30 distinct documents .43 with copies"):
         split_held_out(lines, 16)
+
+
+def test_haystack_only_lines_exclude_wrapped_training_boilerplate(tmp_path):
+    """A haystack line that a training document holds inside a longer line is training text, not a leak;
+    a line only the haystack holds is still caught in copy text."""
+    from megatron_ext.experiments.mini_longskywork.data import _haystack_only, template_hits
+
+    (tmp_path / "data").mkdir()
+    wrapped = "* Set upstream metadata fields: Bug-Database, Bug-Submit,"
+    secret = "* Fix the frobnicator's overflow in the gizmo parser (Closes: #1234)."
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": wrapped + " Repository.\n* other"}) + "\n")
+    (tmp_path / "haystack.jsonl").write_text(json.dumps({"text": f"{wrapped}\n{secret}\n"}) + "\n")
+    hay = _haystack_only(str(tmp_path))
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(json.dumps({"text": f"x {wrapped} y"}) + "\n" + json.dumps({"text": f"x {secret} y"}) + "\n")
+    hits = template_hits(str(copy), hay)
+    assert hits and all(h.startswith(f"{copy}:2: ") for h in hits) and "frobnicator" in hits[0]

@@ -105,8 +105,11 @@ def _copy_text(cfg: ExperimentConfig, root: str, tok: str) -> str:
 
 
 def _haystack_only(root: str) -> str:
-    """haystack.jsonl with every line that also occurs in a training document blanked (shared boilerplate)."""
-    train = {ln.strip() for x in open(f"{root}/docs.jsonl") for ln in json.loads(x)["text"].splitlines()}
+    """haystack.jsonl with every line that also occurs in a training document blanked (shared boilerplate).
+
+    "Occurs" is a substring test: a wrapped boilerplate line ("* Set upstream metadata fields: Bug-Database,")
+    is training text when a training document holds it inside a longer line."""
+    train = "\n".join(json.loads(x)["text"] for x in open(f"{root}/docs.jsonl"))
     rows = [json.loads(x)["text"] for x in open(f"{root}/haystack.jsonl")]
     keep = ["\n".join(ln for ln in t.splitlines() if ln.strip() not in train) for t in rows]
     path = f"{root}/data/haystack_only.jsonl"
