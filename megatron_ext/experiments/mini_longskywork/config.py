@@ -51,9 +51,17 @@ class ExperimentConfig:
     """Pretraining at L0 from random weights (data-parallel over 2 ranks). Second run (issue #25): 2000 steps
     of 4 x 512 tokens (4.1M tokens; the first run had 600 steps of 8, 2.5M), constant lr, decay over the
     last 400. Expected: the base copies (controls.base-own-rope passkey >= 0.9 at L0)."""
-    copy_share: float = 0.3
-    """Share of base pretraining samples drawn from copy-rich text (data_tools.synth copy), the rest
-    from the training documents (disclosed in the report's setup)."""
+    copy_share: float = 0.5
+    """Share of base pretraining samples (L0 windows) drawn from copy-rich text (data_tools.synth copy), the
+    rest from the training documents (disclosed in the report's setup). 0.3 with 512-token copy samples
+    gave a base that did not copy at all (second run's first attempt, gate 0.00)."""
+    copy_tokens: int = 256
+    """Tokens per copy-rich sample, at most L0 / 2. GPTDataset concatenates samples and cuts L0 windows
+    at arbitrary offsets: with samples of about L0 tokens nearly every window held the tail of one (a
+    repeat without its source) and the head of the next (a source without its repeat). At <= L0 / 2
+    every window holds at least one whole sample."""
+    copy_span_tokens: str = "20:100"
+    """``synth copy --span-tokens``: the recurring span's length range (2 x max < ``copy_tokens``)."""
     copy_kinds: str = "span=2,repeat=1,keys=2"
     """``synth copy --kinds``: recurring span, document twice, labelled random strings."""
     split_digits: bool = True
@@ -70,8 +78,9 @@ class ExperimentConfig:
     sft_question_weights: str = "lookup=4,reverse_lookup=4,multi_hop=2"
     """``synth synl --question-weights`` of every SFT mix: mostly look-ups with multi-token answers
     (names, dates, ids: several pieces each), so SFT supervises more than one token."""
-    sft_targets: Tuple[int, ...] = (192, 256, 320, 448)
-    """Token sizes of the short SFT examples (SynL tables small enough for L0)."""
+    sft_targets: Tuple[int, ...] = (256, 320, 384, 448)
+    """Token sizes of the short SFT examples (SynL tables small enough for L0). Not below 256: with digits
+    split, the smallest table (2 rows and a question) can exceed 192 tokens."""
     sft_examples: int = 600
     """Short SFT examples (SynL tables) for the SFT stage and the packed long-SFT share."""
     long_synl_examples: int = 400
@@ -104,4 +113,5 @@ def toy_config() -> ExperimentConfig:
     return ExperimentConfig(l0=384, l1=768, num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=1000,
                             train_docs=40, haystack_docs=4, base=wsd, cpt=two, sft=two, long_sft=two,
                             sft_targets=(300,), sft_examples=8, long_synl_examples=4, eval_lengths=[384],
-                            eval_depths="0,50", synl_eval_samples=2, copy_share=0.5)
+                            eval_depths="0,50", synl_eval_samples=2, copy_share=0.5,
+                            copy_tokens=192, copy_span_tokens="20:90")

@@ -93,9 +93,14 @@ def _copy_text(cfg: ExperimentConfig, root: str, tok: str) -> str:
     """Copy-rich base pretraining text from the training documents only; raises if it holds any of the
     evaluation (template wording or haystack text)."""
     out = f"{root}/data/copy.jsonl"
-    n = max(30, int(cfg.base.iters * cfg.base.global_batch * cfg.copy_share) + 1)  # every sample once
+    if cfg.copy_tokens > cfg.l0 // 2:
+        raise ValueError(f"copy_tokens {cfg.copy_tokens} must be at most L0 / 2 = {cfg.l0 // 2}, so every L0 window "
+                         "of the copy dataset holds a whole sample")
+    # enough samples that no window repeats: windows x L0 tokens, samples a little under copy_tokens
+    n = max(30, int(cfg.base.iters * cfg.base.global_batch * cfg.copy_share * cfg.l0 / cfg.copy_tokens * 1.15) + 1)
     tool("data_tools.synth", "copy", "--input", f"{root}/docs.jsonl", "--output", out, "--num-samples", str(n),
-         "--target-tokens", str(cfg.l0), "--tokenizer-model", tok, "--seed", "400", "--kinds", cfg.copy_kinds)
+         "--target-tokens", str(cfg.copy_tokens), "--span-tokens", cfg.copy_span_tokens, "--tokenizer-model", tok,
+         "--seed", "400", "--kinds", cfg.copy_kinds)
     hay_only = _haystack_only(root)
     hits = template_hits(out, hay_only)
     os.remove(hay_only)
@@ -168,8 +173,10 @@ def _copy_and_sft_setup(cfg: ExperimentConfig, tok: str, copy: str, sft: Dict[st
     return [f"Tokenizer: sentencepiece BPE, {cfg.vocab_size} pieces, trained on the training documents only"
             f"{', digits split (one piece per digit)' if cfg.split_digits else ''}.",
             f"Base pretraining: {cfg.copy_share:.0%} of samples from copy-rich text ({len(metas)} samples of "
-            f"<= {cfg.l0} tokens made by `data_tools.synth copy` from the training documents: "
-            + ", ".join(f"{n} {k}" for k, n in per.items()) + "; span: a 30-150-token span recurs later, repeat: "
+            f"<= {cfg.copy_tokens} tokens, so every {cfg.l0}-token window holds a whole one, made by "
+            "`data_tools.synth copy` from the training documents: "
+            + ", ".join(f"{n} {k}" for k, n in per.items()) + f"; span: a {cfg.copy_span_tokens.replace(':', '-')}"
+            "-token span recurs later, repeat: "
             "a document twice, keys: labelled random strings named again), the rest training documents. "
             "Scanned: no passkey/needle wording, no haystack text.",
             f"Base schedule: {cfg.base.iters} steps of {cfg.base.global_batch} x {cfg.l0} tokens, lr {cfg.base.lr} "
