@@ -210,3 +210,17 @@ def test_haystack_only_lines_exclude_wrapped_training_boilerplate(tmp_path):
     copy.write_text(json.dumps({"text": f"x {wrapped} y"}) + "\n" + json.dumps({"text": f"x {secret} y"}) + "\n")
     hits = template_hits(str(copy), hay)
     assert hits and all(h.startswith(f"{copy}:2: ") for h in hits) and "frobnicator" in hits[0]
+
+
+def test_copy_samples_must_fit_twice_in_a_window(tmp_path):
+    """GPTDataset cuts L0 windows at arbitrary offsets of the concatenated copy samples: a sample longer
+    than L0 / 2 is refused before any text is made (the first 90-minute attempt's base never learned to copy)."""
+    import dataclasses
+
+    from megatron_ext.experiments.mini_longskywork.config import ExperimentConfig
+    from megatron_ext.experiments.mini_longskywork.data import _copy_text
+
+    cfg = dataclasses.replace(ExperimentConfig(), copy_tokens=257)
+    with pytest.raises(ValueError, match="copy_tokens 257 must be at most L0 / 2 = 256"):
+        _copy_text(cfg, str(tmp_path), "unused.model")
+    assert ExperimentConfig().copy_tokens <= ExperimentConfig().l0 // 2
