@@ -314,12 +314,28 @@ SP_TEXTS = ["The river harbour.", "  two  spaces,  trailing ", "line one\nline t
             "unicode: café ü 北京 😀", "tab\there", "ﬁ ligature Ⅻ ＡＢＣ", " leading", "<s> and </s> as text", ""]
 
 
-def test_sentencepiece_export_tokenizes_like_sentencepiece_and_stops_at_eos(tokenizer, sp, tmp_path, monkeypatch):
-    """A checkpoint trained with a sentencepiece .model, exported: AutoTokenizer gives sentencepiece's
-    ids (no bos added), decodes the same, has its unk/bos/eos/pad, and generate() stops at eos."""
+@pytest.mark.parametrize("split_digits", [False, True])
+def test_sentencepiece_export_tokenizes_like_sentencepiece_and_stops_at_eos(split_digits, tmp_path, monkeypatch):
+    """A checkpoint trained with a sentencepiece .model (BPE, digits split or not), exported:
+    AutoTokenizer gives sentencepiece's ids (no bos added), decodes the same, has its
+    unk/bos/eos/pad, and generate() stops at eos."""
     import dataclasses
 
+    import sentencepiece as spm
+
+    from data_tools.common import load_tokenizer
+    from data_tools.tokenizer import train
+
     from megatron_ext.convert import api
+    from tests.conftest import make_docs, write_jsonl
+
+    numbers = [f"Version {i}.{i % 13}.{i * 31 % 97} of 2024-{i % 12 + 1:02d}-{i % 28 + 1:02d}, key {i * 7919}"
+               for i in range(1000)]
+    docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(200) + numbers)
+    tokenizer = train([docs], 600, str(tmp_path / "tok"), split_digits=split_digits)
+    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    pieces = [sp.id_to_piece(i).lstrip("\u2581") for i in range(sp.vocab_size())]
+    assert any(len(p) > 1 and p.isdigit() for p in pieces) != split_digits  # multi-digit pieces only without
 
     model = _hf_model("llama", seed=5, vocab_size=sp.vocab_size(), bos_token_id=sp.bos_id(),
                       eos_token_id=sp.eos_id(), pad_token_id=sp.pad_id())
@@ -331,10 +347,10 @@ def test_sentencepiece_export_tokenizes_like_sentencepiece_and_stops_at_eos(toke
         cfg, data=dataclasses.replace(cfg.data, tokenizer_model=tokenizer)), *rest))(*real(path)))
     assert main(["export-hf", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "back")]) == 0
     back = str(tmp_path / "back")
-    hf_tok = transformers.AutoTokenizer.from_pretrained(back)
+    hf_tok, ours = transformers.AutoTokenizer.from_pretrained(back), load_tokenizer(f"hf:{back}")
     for text in SP_TEXTS:
         ids = hf_tok(text).input_ids
-        assert ids == sp.encode(text), text
+        assert ids == sp.encode(text) == ours.encode(text), text  # our hf: reader of the export too
         assert hf_tok.decode(ids) == sp.decode(ids), text
     for name, i in (("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id())):
         assert (getattr(hf_tok, f"{name}_token_id"), getattr(hf_tok, f"{name}_token")) == (i, sp.id_to_piece(i))

@@ -11,15 +11,19 @@ export stops at the same end-of-turn ids as the original. The ids come from DIR'
 generation_config.json in DIR one is written from those ids.
 
 A sentencepiece ``.model`` (what ``data_tools.tokenizer train`` writes) is copied as
-``tokenizer.model`` and gives the ids; transformers itself converts it and writes
-``tokenizer.json`` and ``tokenizer_config.json`` beside it (``PreTrainedTokenizerFast``,
-the generic ``tokenizers`` backend), so ``AutoTokenizer`` gives sentencepiece's ids:
+``tokenizer.model`` and gives the ids. transformers (>= 5) converts it and writes
+``tokenizer.json`` and ``tokenizer_config.json`` beside it (``PreTrainedTokenizerFast``, whose
+config names it ``TokenizersBackend``: the generic ``tokenizers`` backend), so that
+``AutoTokenizer`` gives sentencepiece's ids:
 - the generic converter keeps the model's normalizer (``nmt_nfkc``'s precompiled map,
-  collapsed whitespace, newlines as spaces); ``LlamaTokenizer`` drops it (no normalizer,
-  Metaspace only: Llama's own .model has none), and so does ``legacy``/``add_prefix_space``;
-- no bos or eos is added (``add_bos_token``/``add_eos_token`` off: the post-processor adds
-  nothing), as ``sp.encode`` and our preprocessing, which only appends eos as end-of-document;
-- ``split_special_tokens``: a literal ``<s>`` in text is text, as sentencepiece reads it;
+  whitespace runs collapsed, newlines and tabs as spaces). ``LlamaTokenizer`` has none (its
+  Metaspace step fits Llama's identity-normalized .model), and its ``legacy`` and
+  ``add_prefix_space`` do not bring it back: double spaces, newlines and NFKC forms differ;
+- no bos or eos is added (``add_bos_token``/``add_eos_token`` off; the post-processor adds
+  nothing), as ``sp.encode`` and our preprocessing, which appends only eos, at document end;
+- ``split_special_tokens``: a literal ``<s>`` in text is text, as sentencepiece reads it
+  (for BPE models, the default; a unigram model's converted vocabulary still matches
+  ``<s>``/``</s>`` written in text as one piece, where sentencepiece spells them out);
 - unk/bos/eos/pad are the model's pieces for its ids (a disabled id, -1, names none).
 """
 from __future__ import annotations
@@ -110,7 +114,7 @@ def _sentencepiece_files(model: str, out: str) -> List[str]:
     with tempfile.TemporaryDirectory(prefix="mext-spm-export-") as tmp:
         shutil.copyfile(model, os.path.join(tmp, "tokenizer.model"))
         tok = transformers.PreTrainedTokenizerFast.from_pretrained(
-            tmp, local_files_only=True, add_bos_token=False, add_eos_token=False, split_special_tokens=True, **special)
+            tmp, add_bos_token=False, add_eos_token=False, split_special_tokens=True, **special)
         saved = tok.save_pretrained(os.path.join(tmp, "saved"))
         names = sorted(os.path.basename(p) for p in saved if os.path.basename(p) != "tokenizer.model")
         for name in names:
