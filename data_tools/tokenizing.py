@@ -178,6 +178,10 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{folder}: no EOS token (set eos_token in tokenizer_config.json, or add one of "
                              f"{', '.join(EOS_NAMES)}); the EOD id is the tokenizer's EOS")
         self._bos, self._pad = self._id(folder, "bos_token"), self._id(folder, "pad_token")
+        config = os.path.join(folder, "tokenizer_config.json")
+        if os.path.exists(config):  # transformers' flag: special tokens written in the text are text
+            with open(config, encoding="utf-8") as f:
+                self.tok.encode_special_tokens = bool(json.load(f).get("split_special_tokens", False))
         self._batch = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)  # fast: no offsets
 
     def _id(self, folder: str, key: str, fallbacks=()) -> int:

@@ -228,6 +228,17 @@ def test_logits_model_loads_once_and_equals_forward_logits(tmp_path, monkeypatch
         lm.logits(batches[0])
 
 
+def _end_after_three_tokens(model, ids, end):
+    """Edit ``model`` so that ``end`` scores twice the third greedy token after ``ids`` [1, s]:
+    greedy generation from ``ids`` stops there, or earlier."""
+    with torch.no_grad():
+        seq = ids
+        for _ in range(3):
+            seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], dim=1)
+        model.lm_head.weight[end] = 2 * model.lm_head.weight[int(seq[0, -1])]
+    return model
+
+
 def _chat_model_folder(path):
     """A tiny Llama 'instruct' folder built locally: byte-level BPE tokenizer.json, ChatML template
     in chat_template.jinja, eos = <|im_end|>, and weights edited so greedy generation ends its turn."""
@@ -251,12 +262,8 @@ def _chat_model_folder(path):
     text = hf_tok.apply_chat_template([{"role": "user", "content": "Name the river."}], tokenize=False,
                                       add_generation_prompt=True)
     ids = hf_tok(text, add_special_tokens=False, return_tensors="pt").input_ids
-    model = _hf_model("llama", seed=4, bos_token_id=None, eos_token_id=end, pad_token_id=pad)
-    with torch.no_grad():  # <|im_end|> scores twice the third greedy token: the turn ends there
-        seq = ids
-        for _ in range(3):
-            seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], dim=1)
-        model.lm_head.weight[end] = 2 * model.lm_head.weight[int(seq[0, -1])]
+    model = _end_after_three_tokens(_hf_model("llama", seed=4, bos_token_id=None, eos_token_id=end, pad_token_id=pad),
+                                    ids, end)
     model.save_pretrained(path)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": [end, pad], "pad_token_id": pad, "do_sample": False}, f)
@@ -297,7 +304,59 @@ def test_export_of_sentencepiece_tokenizer_writes_ids_and_generation_config(toke
     ids = hf_files.token_ids(tokenizer, hf_files.tokenizer_source(tokenizer))
     assert ids == {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
     written = hf_files.write_tokenizer_files(tokenizer, str(tmp_path), ids)
-    assert written == ["tokenizer.model", "generation_config.json"]
+    assert written == ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
     assert json.load(open(tmp_path / "generation_config.json")) == ids
     with pytest.raises(ConversionError, match="data.tokenizer_model 'hf:/nowhere' does not exist"):
         hf_files.tokenizer_source("hf:/nowhere")
+
+
+SP_TEXTS = ["The river harbour.", "  two  spaces,  trailing ", "line one\nline two\n\nthree", "digits 12345 and 3.14",
+            "unicode: café ü 北京 😀", "tab\there", "ﬁ ligature Ⅻ ＡＢＣ", " leading", "<s> and </s> as text", ""]
+
+
+@pytest.mark.parametrize("split_digits", [False, True])
+def test_sentencepiece_export_tokenizes_like_sentencepiece_and_stops_at_eos(split_digits, tmp_path, monkeypatch):
+    """A checkpoint trained with a sentencepiece .model (BPE, digits split or not), exported:
+    AutoTokenizer gives sentencepiece's ids (no bos added), decodes the same, has its
+    unk/bos/eos/pad, and generate() stops at eos."""
+    import dataclasses
+
+    import sentencepiece as spm
+
+    from data_tools.common import load_tokenizer
+    from data_tools.tokenizer import train
+
+    from megatron_ext.convert import api
+    from tests.conftest import make_docs, write_jsonl
+
+    numbers = [f"Version {i}.{i % 13}.{i * 31 % 97} of 2024-{i % 12 + 1:02d}-{i % 28 + 1:02d}, key {i * 7919}"
+               for i in range(1000)]
+    docs = write_jsonl(tmp_path / "docs.jsonl", make_docs(200) + numbers)
+    tokenizer = train([docs], 600, str(tmp_path / "tok"), split_digits=split_digits)
+    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    pieces = [sp.id_to_piece(i).lstrip("\u2581") for i in range(sp.vocab_size())]
+    assert any(len(p) > 1 and p.isdigit() for p in pieces) != split_digits  # multi-digit pieces only without
+
+    model = _hf_model("llama", seed=5, vocab_size=sp.vocab_size(), bos_token_id=sp.bos_id(),
+                      eos_token_id=sp.eos_id(), pad_token_id=sp.pad_id())
+    prompt = torch.tensor([sp.encode("The river harbour")])
+    model = _end_after_three_tokens(model, prompt, sp.eos_id())
+    import_hf(_save(model, tmp_path / "hf"), str(tmp_path / "ours"))  # the HF folder has no tokenizer.json
+    real = api.read_checkpoint  # the stored config then names the .model, as after training with it
+    monkeypatch.setattr(api, "read_checkpoint", lambda path: (lambda cfg, *rest: (dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, tokenizer_model=tokenizer)), *rest))(*real(path)))
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "back")]) == 0
+    back = str(tmp_path / "back")
+    hf_tok, ours = transformers.AutoTokenizer.from_pretrained(back), load_tokenizer(f"hf:{back}")
+    for text in SP_TEXTS:
+        ids = hf_tok(text).input_ids
+        assert ids == sp.encode(text) == ours.encode(text), text  # our hf: reader of the export too
+        assert hf_tok.decode(ids) == sp.decode(ids), text
+    for name, i in (("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id())):
+        assert (getattr(hf_tok, f"{name}_token_id"), getattr(hf_tok, f"{name}_token")) == (i, sp.id_to_piece(i))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    with torch.no_grad():
+        got = exported.generate(prompt, max_new_tokens=20, do_sample=False)[0, prompt.shape[1]:].tolist()
+        want = model.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=sp.eos_id(),
+                              pad_token_id=sp.pad_id())[0, prompt.shape[1]:].tolist()
+    assert got == want and got[-1] == sp.eos_id() and len(got) < 20  # it stopped at eos, as the original

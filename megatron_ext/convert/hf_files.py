@@ -8,14 +8,30 @@ chat template included (``chat_template.jinja``, ``chat_template.json``,
 tokenizer_config.json carries), and DIR's ``generation_config.json`` too, so the
 export stops at the same end-of-turn ids as the original. The ids come from DIR's
 ``config.json`` when it has them, else from the tokenizer; without a
-generation_config.json in DIR one is written from those ids. A sentencepiece
-``.model`` is copied as ``tokenizer.model`` and gives the ids.
+generation_config.json in DIR one is written from those ids.
+
+A sentencepiece ``.model`` (what ``data_tools.tokenizer train`` writes) is copied as
+``tokenizer.model`` and gives the ids. transformers (>= 5) converts it and writes
+``tokenizer.json`` and ``tokenizer_config.json`` beside it (``PreTrainedTokenizerFast``, whose
+config names it ``TokenizersBackend``: the generic ``tokenizers`` backend), so that
+``AutoTokenizer`` gives sentencepiece's ids:
+- the generic converter keeps the model's normalizer (``nmt_nfkc``'s precompiled map,
+  whitespace runs collapsed, newlines and tabs as spaces). ``LlamaTokenizer`` has none (its
+  Metaspace step fits Llama's identity-normalized .model), and its ``legacy`` and
+  ``add_prefix_space`` do not bring it back: double spaces, newlines and NFKC forms differ;
+- no bos or eos is added (``add_bos_token``/``add_eos_token`` off; the post-processor adds
+  nothing), as ``sp.encode`` and our preprocessing, which appends only eos, at document end;
+- ``split_special_tokens``: a literal ``<s>`` in text is text, as sentencepiece reads it
+  (for BPE models, the default; a unigram model's converted vocabulary still matches
+  ``<s>``/``</s>`` written in text as one piece, where sentencepiece spells them out);
+- unk/bos/eos/pad are the model's pieces for its ids (a disabled id, -1, names none).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 from typing import Dict, List, Optional
 
 from data_tools.common import atomic_write
@@ -74,13 +90,36 @@ def write_tokenizer_files(source: str, out: str, ids: Dict[str, object]) -> List
         generation = os.path.join(source, "generation_config.json")
     else:  # a sentencepiece model
         _copy(source, os.path.join(out, "tokenizer.model"))
-        written.append("tokenizer.model")
+        written += ["tokenizer.model"] + _sentencepiece_files(source, out)
         generation = ""
     if generation and os.path.isfile(generation):
         _copy(generation, os.path.join(out, "generation_config.json"))
     else:
         atomic_write(os.path.join(out, "generation_config.json"), (json.dumps(dict(ids), indent=2) + "\n").encode())
     return written + ["generation_config.json"]
+
+
+def _sentencepiece_files(model: str, out: str) -> List[str]:
+    """Have transformers convert the sentencepiece ``model`` (settings in the module docstring)
+    and copy the files it saves (tokenizer.json, tokenizer_config.json) into ``out``."""
+    import sentencepiece as spm
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:  # 4.x cannot build a fast tokenizer from a bare .model
+        raise ConversionError(f"exporting the sentencepiece tokenizer {model} needs transformers>=5 "
+                              f"(found {transformers.__version__}): it converts the .model to tokenizer.json")
+    sp = spm.SentencePieceProcessor(model_file=model)
+    special = {f"{name}_token": sp.id_to_piece(i) if i >= 0 else None
+               for name, i in (("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id()))}
+    with tempfile.TemporaryDirectory(prefix="mext-spm-export-") as tmp:
+        shutil.copyfile(model, os.path.join(tmp, "tokenizer.model"))
+        tok = transformers.PreTrainedTokenizerFast.from_pretrained(
+            tmp, add_bos_token=False, add_eos_token=False, split_special_tokens=True, **special)
+        saved = tok.save_pretrained(os.path.join(tmp, "saved"))
+        names = sorted(os.path.basename(p) for p in saved if os.path.basename(p) != "tokenizer.model")
+        for name in names:
+            _copy(os.path.join(tmp, "saved", name), os.path.join(out, name))
+    return names
 
 
 def _copy(src: str, dst: str) -> None:
