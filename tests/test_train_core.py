@@ -195,7 +195,7 @@ def test_validation_loss_is_logged(data, tmp_path):
     assert "| lm loss: " in lines[0] and "| lm loss PPL: " in lines[0]
 
 
-def test_layout_and_checkpoint_errors(data, tmp_path):
+def test_layout_and_checkpoint_errors(data, two_iterations, tmp_path):
     base = [sys.executable, "-m", "megatron_ext.train", "--config", CONFIG, "--dry-run", "--world-size", "8"]
     cases = {("parallel.tensor_model_parallel_size=3", "model.num_attention_heads=6", "model.num_query_groups=2"):
              "tensor_model_parallel_size 3 must divide model.num_query_groups 2",
@@ -209,8 +209,8 @@ def test_layout_and_checkpoint_errors(data, tmp_path):
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 2 and text in res.stderr, (sets, res.stderr)
     save = str(tmp_path / "shape")
-    assert train(data, save, nproc=2, extra=["optim.train_iters=1"]).returncode == 0
-    res = train(data, save, nproc=2, extra=["optim.train_iters=2", "model.hidden_size=32"], timeout=90)
+    shutil.copytree(two_iterations, save)  # a hidden-64 run's checkpoint at step-2
+    res = train(data, save, nproc=2, extra=["optim.train_iters=3", "model.hidden_size=32"], timeout=90)
     out = res.stdout + res.stderr
     assert res.returncode != 0
     assert out.count("checkpoint of another model shape: model.hidden_size: checkpoint 64, config 32") >= 2, out[-3000:]
