@@ -69,6 +69,18 @@ def data(corpus, tokenizer, tmp_path_factory):
     return {"pre": str(root / "pre"), "sft": str(root / "sft"), "tok": tokenizer}
 
 
+@pytest.fixture(scope="session")
+def two_iterations(data, tmp_path_factory):
+    """Save dir of one plain run: 2 ranks (CP=2), 2 iterations, no recompute, the final checkpoint.
+    tests/test_train.py, test_train_core.py and test_recompute.py each launched this same run; read only."""
+    from tests.test_train import train
+
+    save = str(tmp_path_factory.mktemp("two_iterations") / "run")
+    res = train(data, save, nproc=2, extra=["optim.train_iters=2"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return save
+
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 

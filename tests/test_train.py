@@ -87,9 +87,18 @@ def test_dry_run_exits_1_when_the_layout_does_not_fit():
     assert re.fullmatch(r"memory per GPU: [\d.]+ GiB of 80 GiB: does not fit", res.stdout.strip().splitlines()[-1])
 
 
-def test_three_stages_and_exact_resume(data, tmp_path):
-    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    assert train(data, full, extra=["optim.train_iters=6", "checkpoint.save_interval=10"]).returncode == 0
+@pytest.fixture(scope="module")
+def six_iterations(data, tmp_path_factory):
+    """One uninterrupted 6-iteration run (CP=2 x DP=2, no checkpoint before the final one), shared
+    read-only by the tests below that need it: the same command was launched twice."""
+    save = str(tmp_path_factory.mktemp("six_iterations") / "run")
+    res = train(data, save, extra=["optim.train_iters=6", "checkpoint.save_interval=10"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return save
+
+
+def test_three_stages_and_exact_resume(data, six_iterations, tmp_path):
+    full, cut = six_iterations, str(tmp_path / "cut")
     res = train(data, cut, extra=["optim.train_iters=6", "checkpoint.save_interval=3"])
     assert res.returncode == 0, res.stderr[-2000:]
     # Stop at 3: drop step-6 and the log lines after 3, then resume.
@@ -114,13 +123,12 @@ def test_three_stages_and_exact_resume(data, tmp_path):
     assert all(r["loss"] == r["loss"] for r in losses(sft) + losses(long_sft))
 
 
-def test_activation_recompute_gives_the_same_losses(data, tmp_path):
-    runs = {}
-    for flag in ("false", "true"):
-        save = str(tmp_path / f"recompute_{flag}")
-        res = train(data, save, nproc=2, extra=["optim.train_iters=2", f"recompute={flag}"])
-        assert res.returncode == 0, res.stderr[-2000:]
-        runs[flag] = [r["loss"] for r in losses(save)]
+def test_activation_recompute_gives_the_same_losses(data, two_iterations, tmp_path):
+    save = str(tmp_path / "recompute_true")
+    res = train(data, save, nproc=2, extra=["optim.train_iters=2", "recompute=true"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    # two_iterations: the same run with recompute=false (the default)
+    runs = {"false": [r["loss"] for r in losses(two_iterations)], "true": [r["loss"] for r in losses(save)]}
     assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(runs["false"], runs["true"])), runs
 
 
@@ -154,7 +162,7 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     assert steps and steps[-1] < 500
 
 
-def test_partial_checkpoint_is_ignored_and_other_cp_size_resumes(data, tmp_path):
+def test_partial_checkpoint_is_ignored_and_other_cp_size_resumes(data, six_iterations, tmp_path):
     save = str(tmp_path / "run")
     assert train(data, save, extra=["optim.train_iters=4", "checkpoint.save_interval=2"]).returncode == 0
     os.remove(os.path.join(save, "step-4", "COMPLETE"))  # as if killed while saving step 4
@@ -162,9 +170,7 @@ def test_partial_checkpoint_is_ignored_and_other_cp_size_resumes(data, tmp_path)
                                    "parallel.context_parallel_size=1"])  # CP=1 x DP=4 now
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed from" in res.stdout and "step-2 at iteration 2" in res.stdout
-    ref = str(tmp_path / "ref")
-    assert train(data, ref, extra=["optim.train_iters=6", "checkpoint.save_interval=10"]).returncode == 0
-    a = [r["loss"] for r in losses(ref)][2:]
+    a = [r["loss"] for r in losses(six_iterations)][2:]
     b = [r["loss"] for r in losses(save)][-4:]
     assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
 
