@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Dict, List, Optional
 
@@ -106,8 +107,12 @@ def _sentencepiece_files(model: str, out: str) -> List[str]:
     import transformers
 
     if int(transformers.__version__.split(".")[0]) < 5:  # 4.x cannot build a fast tokenizer from a bare .model
-        raise ConversionError(f"exporting the sentencepiece tokenizer {model} needs transformers>=5 "
-                              f"(found {transformers.__version__}): it converts the .model to tokenizer.json")
+        # the weights are already written: say what is missing rather than fail the whole export
+        print(f"export-hf: tokenizer.json/tokenizer_config.json not written: converting the sentencepiece model "
+              f"{model} needs transformers>=5 (found {transformers.__version__}); AutoTokenizer will read "
+              "tokenizer.model with LlamaTokenizer, whose normalization differs (whitespace runs, newlines)",
+              file=sys.stderr)
+        return []
     sp = spm.SentencePieceProcessor(model_file=model)
     special = {f"{name}_token": sp.id_to_piece(i) if i >= 0 else None
                for name, i in (("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id()))}
