@@ -12,6 +12,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .core_attention import ContextParallelAttention
+from .mlp import RecomputableMLP
 from .norm import SequenceParallelNorm
 
 
@@ -25,13 +26,24 @@ def _sp_norms(submodules):
     return dataclasses.replace(submodules, **changes)
 
 
+def _recomputable_mlp(mlp):
+    """``mlp`` (a ModuleSpec or class) with megatron-core's dense MLP replaced by
+    :class:`RecomputableMLP` (selective ``mlp`` recompute with biases); MoE stays as it is."""
+    from megatron.core.transformer.mlp import MLP
+
+    if isinstance(mlp, ModuleSpec) and mlp.module is MLP:
+        return dataclasses.replace(mlp, module=RecomputableMLP)
+    return mlp
+
+
 def _with_core_attention(layer_spec: ModuleSpec) -> ModuleSpec:
-    """A copy of ``layer_spec`` whose self-attention uses ContextParallelAttention (and
-    whose torch norms work under sequence parallelism)."""
+    """A copy of ``layer_spec`` whose self-attention uses ContextParallelAttention, whose
+    dense MLP is :class:`RecomputableMLP` and whose torch norms work under sequence parallelism."""
     attn = layer_spec.submodules.self_attention
     attn_subs = _sp_norms(dataclasses.replace(attn.submodules, core_attention=ContextParallelAttention))
     layer_subs = _sp_norms(dataclasses.replace(layer_spec.submodules,
-                                               self_attention=dataclasses.replace(attn, submodules=attn_subs)))
+                                               self_attention=dataclasses.replace(attn, submodules=attn_subs),
+                                               mlp=_recomputable_mlp(layer_spec.submodules.mlp)))
     return dataclasses.replace(layer_spec, submodules=layer_subs)
 
 
