@@ -115,7 +115,8 @@ def test_block_recompute_trains_like_none(data, tmp_path):
 
 def test_selective_recompute_trains_like_none(data, tmp_path):
     """megatron-core checkpoints our CP core attention and the MLP (with biases: the tiny config's
-    add_bias_linear). Before RecomputableMLP this recursed without end in the first backward."""
+    add_bias_linear). Before our spec's linear_fc2 returned a view of its bias,
+    this recursed without end in the first backward."""
     _recompute_runs(data, tmp_path, [("selective", ["model.recompute_granularity=selective",
                                                     "model.recompute_modules=[core_attn, mlp]"])])
 
@@ -154,8 +155,8 @@ def _selective_worker(rank, world_size, modules):
 
 def test_selective_mlp_recompute_keeps_the_bias_a_leaf_and_the_grads():
     """megatron-core's MLP returns linear_fc2's bias parameter; checkpointed, that parameter got
-    the checkpoint node as grad_fn and the backward recursed into it (#23). RecomputableMLP
-    returns a view: parameters stay leaves, outputs and grads match no recompute (1e-6 rel)."""
+    the checkpoint node as grad_fn and the backward recursed into it (#23). Our spec's
+    linear_fc2 returns a view: parameters stay leaves, outputs and grads match no recompute (1e-6 rel)."""
     from megatron_ext.distributed import spawn_ranks
 
     for res in spawn_ranks(_selective_worker, 2, (("core_attn", "mlp"),), timeout_s=600):
