@@ -113,14 +113,6 @@ def test_block_recompute_trains_like_none(data, tmp_path):
                                                 "model.recompute_num_layers=1"])])
 
 
-def test_selective_recompute_trains_like_none(data, tmp_path):
-    """megatron-core checkpoints our CP core attention and the MLP (with biases: the tiny config's
-    add_bias_linear). Before our spec's linear_fc2 returned a view of its bias,
-    this recursed without end in the first backward."""
-    _recompute_runs(data, tmp_path, [("selective", ["model.recompute_granularity=selective",
-                                                    "model.recompute_modules=[core_attn, mlp]"])])
-
-
 def _selective_worker(rank, world_size, modules):
     """One step of a 1-layer GPT (CP=2, ring) without recompute and with selective ``modules``;
     after the recomputed forward every parameter must still be a leaf."""
@@ -166,3 +158,18 @@ def test_selective_mlp_recompute_keeps_the_bias_a_leaf_and_the_grads():
         assert g0.keys() == g1.keys() and any("linear_fc2.bias" in n for n in g0)
         for n in g0:
             assert (g0[n] - g1[n]).abs().max() <= 1e-6 * g0[n].abs().max(), n
+
+
+def test_selective_recompute_trains_like_none(data, tmp_path):
+    """megatron-core checkpoints our CP core attention and the MLP (with biases: the tiny config's
+    add_bias_linear). Before our spec's linear_fc2 returned a view of its bias,
+    this recursed without end in the first backward (memory grows until killed: 5 GiB in
+    30 s here), so first check, for free, that the spec still wraps linear_fc2."""
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    from megatron_ext.megatron.mlp import bias_view_linear
+    from megatron_ext.megatron.specs import get_gpt_layer_cp_spec
+
+    assert get_gpt_layer_cp_spec().submodules.mlp.submodules.linear_fc2 is bias_view_linear(RowParallelLinear)
+    _recompute_runs(data, tmp_path, [("selective", ["model.recompute_granularity=selective",
+                                                    "model.recompute_modules=[core_attn, mlp]"])])
