@@ -26,11 +26,15 @@ def test_transformer_engine_missing_is_one_line_naming_the_extra():
         validate(load_config(TINY, ["model.transformer_impl=te"]), 4)
 
 
-def test_spec_substitution_replaces_core_attention_only():
+def test_spec_substitution_replaces_core_attention_and_fc2_class():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+    from megatron.core.tensor_parallel import RowParallelLinear
+    from megatron.core.transformer.mlp import MLP
+
     from megatron_ext.megatron.core_attention import ContextParallelAttention
+    from megatron_ext.megatron.mlp import bias_view_linear
     from megatron_ext.megatron.specs import _with_core_attention
 
     original = get_gpt_layer_local_spec(normalization="RMSNorm")
@@ -41,4 +45,8 @@ def test_spec_substitution_replaces_core_attention_only():
     assert original.submodules.self_attention.submodules.core_attention is DotProductAttention  # a copy
     before = original.submodules.self_attention.submodules
     assert attn.linear_qkv is before.linear_qkv and attn.linear_proj is before.linear_proj
-    assert ours.submodules.mlp == original.submodules.mlp
+    # the MLP stays megatron-core's; only linear_fc2 returns a view of its bias (selective mlp recompute, #23)
+    mlp, before_mlp = ours.submodules.mlp.submodules, original.submodules.mlp.submodules
+    assert ours.submodules.mlp.module is MLP and mlp.linear_fc1 is before_mlp.linear_fc1
+    assert mlp.linear_fc2 is bias_view_linear(before_mlp.linear_fc2) and issubclass(mlp.linear_fc2, RowParallelLinear)
+    assert before_mlp.linear_fc2 is RowParallelLinear  # a copy

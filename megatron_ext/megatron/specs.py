@@ -12,6 +12,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .core_attention import ContextParallelAttention
+from .mlp import bias_view_linear
 from .norm import SequenceParallelNorm
 
 
@@ -25,13 +26,27 @@ def _sp_norms(submodules):
     return dataclasses.replace(submodules, **changes)
 
 
+def _recomputable_mlp(mlp):
+    """``mlp`` (a ModuleSpec or class) with the dense MLP's ``linear_fc2`` returning a view of its
+    bias (:func:`~megatron_ext.megatron.mlp.bias_view_linear`: selective ``mlp`` recompute with
+    biases); MoE and other MLPs stay as they are."""
+    from megatron.core.transformer.mlp import MLP
+
+    if not (isinstance(mlp, ModuleSpec) and mlp.module is MLP and isinstance(mlp.submodules.linear_fc2, type)):
+        return mlp
+    fc2 = bias_view_linear(mlp.submodules.linear_fc2)
+    return dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, linear_fc2=fc2))
+
+
 def _with_core_attention(layer_spec: ModuleSpec) -> ModuleSpec:
-    """A copy of ``layer_spec`` whose self-attention uses ContextParallelAttention (and
-    whose torch norms work under sequence parallelism)."""
+    """A copy of ``layer_spec`` whose self-attention uses ContextParallelAttention, whose dense
+    MLP's output linear returns a view of its bias, and whose torch norms work under sequence
+    parallelism."""
     attn = layer_spec.submodules.self_attention
     attn_subs = _sp_norms(dataclasses.replace(attn.submodules, core_attention=ContextParallelAttention))
     layer_subs = _sp_norms(dataclasses.replace(layer_spec.submodules,
-                                               self_attention=dataclasses.replace(attn, submodules=attn_subs)))
+                                               self_attention=dataclasses.replace(attn, submodules=attn_subs),
+                                               mlp=_recomputable_mlp(layer_spec.submodules.mlp)))
     return dataclasses.replace(layer_spec, submodules=layer_subs)
 
 
