@@ -126,3 +126,18 @@ def test_span_samples_survive_an_empty_lead_in():
     assert builder._fit_words([], 5) == [] and builder._fit_words(["a ", "b "], 0) == []
     rows = [s for s, _ in zip(builder.samples(), range(300))]
     assert all(r["meta"]["n_tokens"] <= 400 and r["text"].count(r["meta"]["span"].strip()) >= 2 for r in rows)
+
+
+def test_keys_samples_drop_keys_when_a_small_budget_cannot_hold_them_all():
+    """With a small vocabulary (many tokens per key) the sample keeps fewer keys instead of failing;
+    each kept key is still set and checked. The toy experiment's 1000-piece tokenizer hit this."""
+    from data_tools.synth.copytext import CopyBuilder, CopyConfig
+
+    words = " ".join(f"w{i}" for i in range(300))
+    cfg = CopyConfig(target_tokens=70, kinds=("keys",), weights=(1.0,), span_tokens=(5, 20), keys_per_sample=(6, 6))
+    rows = [s for s, _ in zip(CopyBuilder([words], lambda t: len(t) // 3, cfg).samples(), range(20))]
+    assert all(len(t["text"]) // 3 <= 70 for t in rows)
+    assert any(len(r["meta"]["keys"]) < 6 for r in rows)
+    for r in rows:
+        for label, value in r["meta"]["keys"].items():
+            assert f"Set {label} to {value}." in r["text"] and f"Checked {label}: {value}." in r["text"]

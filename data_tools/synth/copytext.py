@@ -134,14 +134,20 @@ class CopyBuilder:
             lines = lines[:1] + ["* " + "".join(words[i:i + 10]).strip() for i in range(0, len(words), 10)]
         default = "package (1.0-1) unstable; urgency=medium"
         head, body = (lines[0][:80], lines[1:]) if len(lines) > 1 else (default, lines)
-        sets = [f"  * Set {lab} to {val}." for lab, val in zip(labels, values)]
         order = rng.sample(range(len(labels)), len(labels))
-        checks = [f"  * Checked {labels[i]}: {values[i]}." for i in order]
         body = [f"  {ln}" for ln in body] or ["  * No other change."]
+        for k in range(len(labels), 0, -1):  # fewer keys when even no filler line fits (a small vocabulary)
+            sets = [f"  * Set {lab} to {val}." for lab, val in zip(labels[:k], values[:k])]
+            checks = [f"  * Checked {labels[i]}: {values[i]}." for i in order if i < k]
 
-        def build(n: int) -> str:
-            return "\n".join([head, ""] + sets + body[:n] + checks) + "\n"
+            def build(n: int) -> str:
+                return "\n".join([head, ""] + sets + body[:n] + checks) + "\n"
 
-        n, text, _ = largest_fitting(build, self.count, 0, len(body), self.cfg.target_tokens,
-                                     guess=min(len(body), 8))
-        return text, {"keys": dict(zip(labels, values)), "filler_lines": n}
+            try:
+                n, text, _ = largest_fitting(build, self.count, 0, len(body), self.cfg.target_tokens,
+                                             guess=min(len(body), 8))
+            except ValueError:
+                if k == 1:
+                    raise
+                continue
+            return text, {"keys": dict(zip(labels[:k], values[:k])), "filler_lines": n}
