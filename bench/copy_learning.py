@@ -148,6 +148,7 @@ def train(task: str, which: str, args) -> Dict:
         if step % args.every == 0 or step == args.steps:
             copy, other = per_token[mask].mean().item(), per_token[~mask].mean().item()
             curve.append({"step": step, "copyable_loss": copy, "other_loss": other})
+            print(f"{task} {which} step {step}: copyable loss {copy:.3f}, other {other:.3f}", flush=True)
             if first is None and copy < COPIES_BELOW:
                 first = step
     return {"task": task, "model": which, "curve": curve, "copies_at_step": first,
