@@ -4,7 +4,11 @@
 each rank returns (tests, demo, benchmarks). Rendezvous is a ``file://`` path;
 each rank's result (or traceback) comes back through a file. A rank that does
 not finish within ``timeout_s`` makes the call raise ``TimeoutError`` naming
-it, after every child has been killed: nothing hangs.
+it, after every child has been killed: nothing hangs. Ranks start with
+``spawn`` unless ``MEGATRON_EXT_START_METHOD=forkserver``: then they fork from
+one server per parent process that imported ``MEGATRON_EXT_FORKSERVER_PRELOAD``
+(comma-separated modules) once, which saves each rank those imports (the test
+suite uses it). Each rank gets the caller's environment either way.
 :func:`init_distributed_from_env` starts the group of a torchrun (or plain
 single-process) entry point.
 :func:`collective_device` / :func:`collective_tensor` are the one place that
@@ -24,9 +28,12 @@ import torch
 import torch.distributed as dist
 
 
-def _rank_main(fn, rank, world_size, init_file, out_dir, args, threads, timeout_s):
+def _rank_main(fn, rank, world_size, init_file, out_dir, args, threads, timeout_s, environ):
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
+        # A forkserver child has the server's environment from when it started, not the caller's.
+        os.environ.clear()
+        os.environ.update(environ)
         torch.set_num_threads(threads)
         dist.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
@@ -42,6 +49,17 @@ def _rank_main(fn, rank, world_size, init_file, out_dir, args, threads, timeout_
     os.replace(path + ".tmp", path)
 
 
+def _context():
+    """The multiprocessing context of the ranks: spawn, or forkserver with its preload (see the module doc)."""
+    method = os.environ.get("MEGATRON_EXT_START_METHOD", "spawn")
+    if method not in ("spawn", "forkserver"):
+        raise ValueError(f"MEGATRON_EXT_START_METHOD={method!r}: use spawn or forkserver")
+    ctx = mp.get_context(method)
+    if method == "forkserver":  # read when the server starts: the first call in this process
+        ctx.set_forkserver_preload([m for m in os.environ.get("MEGATRON_EXT_FORKSERVER_PRELOAD", "").split(",") if m])
+    return ctx
+
+
 def spawn_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
                 timeout_s: float = 60.0, threads_per_rank: int = 1) -> List[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes.
@@ -49,12 +67,13 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (
     ``fn`` must be importable (module level). Returns the per-rank results in rank
     order; raises RuntimeError with the first failing rank's traceback.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     with tempfile.TemporaryDirectory(prefix="mext-spawn-") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [
             ctx.Process(target=_rank_main, args=(fn, r, world_size, init_file, tmp, tuple(args),
-                                                threads_per_rank, timeout_s), daemon=False)  # ranks may start helpers (dist_checkpointing does)
+                                                threads_per_rank, timeout_s, dict(os.environ)),
+                        daemon=False)  # ranks may start helpers (dist_checkpointing does)
             for r in range(world_size)
         ]
         for p in procs:

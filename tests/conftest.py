@@ -1,11 +1,17 @@
 """Shared fixtures: a small corpus of generated English-like text and a
 sentencepiece tokenizer trained on it (nothing is downloaded)."""
 import json
+import os
 import random
 import subprocess
 import sys
 
 import pytest
+
+# spawn_ranks' ranks fork from one server that imported torch and megatron-core once, instead of
+# each rank importing them again (about 5 s a rank on 2 cores; see megatron_ext/distributed.py).
+os.environ.setdefault("MEGATRON_EXT_START_METHOD", "forkserver")
+os.environ.setdefault("MEGATRON_EXT_FORKSERVER_PRELOAD", "torch,megatron.core")
 
 WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or had "
          "not but have they one their all there would when who will more no if out so said what up its about "
@@ -73,10 +79,10 @@ def data(corpus, tokenizer, tmp_path_factory):
 def two_iterations(data, tmp_path_factory):
     """Save dir of one plain run: 2 ranks (CP=2), 2 iterations, no recompute, the final checkpoint.
     tests/test_train.py, test_train_core.py and test_recompute.py each launched this same run; read only."""
-    from tests.test_train import train
+    from tests.test_train import train_spawned
 
     save = str(tmp_path_factory.mktemp("two_iterations") / "run")
-    res = train(data, save, nproc=2, extra=["optim.train_iters=2"])
+    res = train_spawned(data, save, nproc=2, extra=["optim.train_iters=2"])
     assert res.returncode == 0, res.stderr[-2000:]
     return save
 
