@@ -15,7 +15,7 @@ import pytest
 
 from megatron_ext.distributed import spawn_ranks
 from megatron_ext.train.checkpoint import BrokenCheckpointError, complete_steps, verify
-from tests.test_train import losses, train, train_cmd
+from tests.test_train import losses, train, train_cmd, train_spawned
 from tests.test_train_core import _cfg
 
 # CP=2 on 2 ranks (tiny_cpu_pretrain.yaml), 4 micro-batches per iteration, async save on (the default)
@@ -216,7 +216,7 @@ def test_dp_reshardable_reshards_offline_tp2cp2_to_tp1cp4_and_pp2(data, tmp_path
 
     base = ["optim.train_iters=4", "checkpoint.save_interval=2"]
     src = str(tmp_path / "tp2cp2")
-    res = train(data, src, extra=base + ["parallel.tensor_model_parallel_size=2", "parallel.context_parallel_size=2"])
+    res = train_spawned(data, src, extra=base + ["parallel.tensor_model_parallel_size=2", "parallel.context_parallel_size=2"])
     assert res.returncode == 0, res.stderr[-3000:]
     want = [r["loss"] for r in losses(src)][2:]
     shutil.rmtree(os.path.join(src, "step-4"))
@@ -233,7 +233,7 @@ def test_dp_reshardable_reshards_offline_tp2cp2_to_tp1cp4_and_pp2(data, tmp_path
         out = str(tmp_path / name)
         assert reshard(["--checkpoint", src, "--to-layout", layout, "--out", out]) == 0
         assert complete_steps(out) == [2]
-        res = train(data, out, extra=base + sets)
+        res = train_spawned(data, out, extra=base + sets)
         assert res.returncode == 0 and "step-2 at iteration 2" in res.stdout, res.stderr[-3000:]
         got = [r["loss"] for r in losses(out)]
         assert len(got) == 2 and all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(got, want)), (name, got, want)

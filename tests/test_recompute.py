@@ -95,12 +95,12 @@ def test_paper_configs_take_the_cheapest_recompute_that_fits(stage):
 def _recompute_runs(data, tmp_path, none, runs):
     """Train 2 iterations (2 ranks, CP=2) with each of ``runs``; the losses must match ``none``,
     the save dir of the same run without recompute (the two_iterations fixture)."""
-    from tests.test_train import losses, train
+    from tests.test_train import losses, train_spawned
 
     got = {"none": [r["loss"] for r in losses(none)]}
     for name, extra in runs:
         save = str(tmp_path / name)
-        res = train(data, save, nproc=2, extra=["optim.train_iters=2", *extra])
+        res = train_spawned(data, save, nproc=2, extra=["optim.train_iters=2", *extra])
         assert res.returncode == 0, res.stderr[-2000:]
         got[name] = [r["loss"] for r in losses(save)]
     for name, _ in runs:

@@ -1,5 +1,6 @@
-"""The training driver end to end under torchrun (gloo, CPU): stages, exact
-resume, faults, SIGTERM, restarts, another CP size, dry runs."""
+"""The training driver end to end (gloo, CPU): stages, exact resume, faults,
+SIGTERM, restarts, another CP size, dry runs. Tests of the CLI, torchrun or
+signals launch torchrun; tests of what training computes use ``train_spawned``."""
 import json
 import os
 import re
@@ -30,6 +31,37 @@ def train_cmd(data, save_dir, nproc=4, config="tiny_cpu_pretrain.yaml", extra=()
 def train(*args, timeout=120, **kw):
     res = subprocess.run(train_cmd(*args, **kw), capture_output=True, text=True, timeout=timeout)
     return res
+
+
+def _stage_worker(rank, world, config, sets):
+    """What `megatron_ext.train` runs on each rank once its world is up; rank 0's stdout comes back."""
+    import contextlib
+    import io
+
+    from megatron_ext.train.config import load_config, validate
+    from megatron_ext.train.loop import run_stage
+
+    cfg = load_config(config, sets)
+    validate(cfg, world)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = run_stage(cfg)
+    return code, out.getvalue()
+
+
+def train_spawned(data, save_dir, nproc=4, config="tiny_cpu_pretrain.yaml", extra=(), prefix="pre", timeout=120):
+    """The run of ``train`` on spawn_ranks' processes instead of torchrun's (no per-rank import of
+    megatron-core under the suite's forkserver): for tests of what training computes, not of the
+    CLI or torchrun. Returns rank 0's exit code and stdout; a failing rank raises with its traceback."""
+    from types import SimpleNamespace
+
+    from megatron_ext.distributed import spawn_ranks
+
+    sets = TINY + [f"data.blend=[1.0, {data[prefix]}]", f"data.tokenizer_model={data['tok']}",
+                   f"checkpoint.save_dir={save_dir}", *extra]
+    code, out = spawn_ranks(_stage_worker, nproc, (os.path.join(REPO, "launch/configs", config), sets),
+                            timeout_s=timeout)[0]
+    return SimpleNamespace(returncode=code, stdout=out, stderr="")
 
 
 def losses(save_dir):
@@ -92,14 +124,14 @@ def six_iterations(data, tmp_path_factory):
     """One uninterrupted 6-iteration run (CP=2 x DP=2, no checkpoint before the final one), shared
     read-only by the tests below that need it: the same command was launched twice."""
     save = str(tmp_path_factory.mktemp("six_iterations") / "run")
-    res = train(data, save, extra=["optim.train_iters=6", "checkpoint.save_interval=10"])
+    res = train_spawned(data, save, extra=["optim.train_iters=6", "checkpoint.save_interval=10"])
     assert res.returncode == 0, res.stderr[-2000:]
     return save
 
 
 def test_three_stages_and_exact_resume(data, six_iterations, tmp_path):
     full, cut = six_iterations, str(tmp_path / "cut")
-    res = train(data, cut, extra=["optim.train_iters=6", "checkpoint.save_interval=3"])
+    res = train_spawned(data, cut, extra=["optim.train_iters=6", "checkpoint.save_interval=3"])
     assert res.returncode == 0, res.stderr[-2000:]
     # Stop at 3: drop step-6 and the log lines after 3, then resume.
     import shutil
@@ -108,7 +140,7 @@ def test_three_stages_and_exact_resume(data, six_iterations, tmp_path):
         head = f.readlines()[:3]
     with open(os.path.join(cut, "metrics.jsonl"), "w") as f:
         f.writelines(head)
-    res = train(data, cut, extra=["optim.train_iters=6", "checkpoint.save_interval=3"])
+    res = train_spawned(data, cut, extra=["optim.train_iters=6", "checkpoint.save_interval=3"])
     assert "resumed from" in res.stdout and "step-3 at iteration 3" in res.stdout
     assert [r["loss"] for r in losses(full)] == [r["loss"] for r in losses(cut)]  # bitwise
     assert losses(full)[-1]["loss"] < losses(full)[0]["loss"]
@@ -125,7 +157,7 @@ def test_three_stages_and_exact_resume(data, six_iterations, tmp_path):
 
 def test_activation_recompute_gives_the_same_losses(data, two_iterations, tmp_path):
     save = str(tmp_path / "recompute_true")
-    res = train(data, save, nproc=2, extra=["optim.train_iters=2", "recompute=true"])
+    res = train_spawned(data, save, nproc=2, extra=["optim.train_iters=2", "recompute=true"])
     assert res.returncode == 0, res.stderr[-2000:]
     # two_iterations: the same run with recompute=false (the default)
     runs = {"false": [r["loss"] for r in losses(two_iterations)], "true": [r["loss"] for r in losses(save)]}
@@ -164,9 +196,9 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
 
 def test_partial_checkpoint_is_ignored_and_other_cp_size_resumes(data, six_iterations, tmp_path):
     save = str(tmp_path / "run")
-    assert train(data, save, extra=["optim.train_iters=4", "checkpoint.save_interval=2"]).returncode == 0
+    assert train_spawned(data, save, extra=["optim.train_iters=4", "checkpoint.save_interval=2"]).returncode == 0
     os.remove(os.path.join(save, "step-4", "COMPLETE"))  # as if killed while saving step 4
-    res = train(data, save, extra=["optim.train_iters=6", "checkpoint.save_interval=2",
+    res = train_spawned(data, save, extra=["optim.train_iters=6", "checkpoint.save_interval=2",
                                    "parallel.context_parallel_size=1"])  # CP=1 x DP=4 now
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed from" in res.stdout and "step-2 at iteration 2" in res.stdout
@@ -200,7 +232,7 @@ def test_sft_packing_cp2_dp2_matches_one_process_and_logs_fill_rate(data, tmp_pa
     runs = {}
     for name, nproc, cp, tp in (("one", 1, 1, 1), ("cp2dp2", 4, 2, 1), ("tp2cp2", 4, 2, 2)):
         save = str(tmp_path / name)  # tp2cp2: sequence parallel, documents padded to 2 x CP x TP
-        res = train(data, save, nproc=nproc, config="tiny_cpu_sft.yaml", prefix="sft",
+        res = train_spawned(data, save, nproc=nproc, config="tiny_cpu_sft.yaml", prefix="sft",
                     extra=SFT_SCRATCH + ["optim.train_iters=3", "data.seq_length=768",
                                          f"parallel.context_parallel_size={cp}",
                                          f"parallel.tensor_model_parallel_size={tp}"])
@@ -244,7 +276,7 @@ def test_document_masks_change_pretraining_loss(data, tmp_path):
     runs = {}
     for flag in ("false", "true"):
         save = str(tmp_path / flag)
-        res = train(data, save, nproc=2, extra=["optim.train_iters=1", "model.num_layers=1",
+        res = train_spawned(data, save, nproc=2, extra=["optim.train_iters=1", "model.num_layers=1",
                                                 f"data.document_masks={flag}"])
         assert res.returncode == 0, res.stderr[-2000:]
         runs[flag] = losses(save)[0]["loss"]

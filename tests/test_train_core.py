@@ -9,7 +9,7 @@ import sys
 import torch
 
 from megatron_ext.distributed import spawn_ranks
-from tests.test_train import REPO, TINY, losses, train
+from tests.test_train import REPO, TINY, losses, train, train_spawned
 
 CONFIG = os.path.join(REPO, "launch/configs/tiny_cpu_pretrain.yaml")
 # constant learning rate, no clipping: plain AdamW can reproduce every step
@@ -96,20 +96,20 @@ def test_layouts_match_one_process_and_reshard_on_resume(data, tmp_path):
     # megatron_ext.train.reshard: tests/test_checkpoint.py)
     base = ["optim.train_iters=4", "checkpoint.save_interval=2", "checkpoint.format=fully_reshardable"]
     one = str(tmp_path / "one")
-    res = train(data, one, nproc=1, extra=base + ["parallel.context_parallel_size=1"])
+    res = train_spawned(data, one, nproc=1, extra=base + ["parallel.context_parallel_size=1"])
     assert res.returncode == 0, res.stderr[-3000:]
     ref = [r["loss"] for r in losses(one)]
     assert len(ref) == 4
     runs = {}
     for name, sets in LAYOUTS.items():
         save = str(tmp_path / name)
-        res = train(data, save, extra=base + sets)
+        res = train_spawned(data, save, extra=base + sets)
         assert res.returncode == 0, (name, res.stderr[-3000:])
         runs[name] = [r["loss"] for r in losses(save)]
         assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(runs[name], ref)), (name, runs[name], ref)
     runs["one"] = ref
     pp = str(tmp_path / "pp_scratch")  # a PP=2 run of its own, to resume at PP=1
-    assert train(data, pp, extra=base + PIPELINES["pp2_cp2"]).returncode == 0
+    assert train_spawned(data, pp, extra=base + PIPELINES["pp2_cp2"]).returncode == 0
     runs["pp_scratch"] = [r["loss"] for r in losses(pp)]
     # resume step-2 of the TP=2 x CP=2 run at TP=1 x CP=4, and at the same layout (bitwise);
     # the one-process run's step-2 at PP=2 x CP=2 and PP=2 x TP=2; a PP=2 run's step-2 at PP=1
@@ -122,7 +122,7 @@ def test_layouts_match_one_process_and_reshard_on_resume(data, tmp_path):
         save = str(tmp_path / name)
         os.makedirs(save)
         shutil.copytree(str(tmp_path / src / "step-2"), os.path.join(save, "step-2"))
-        res = train(data, save, extra=base + sets)
+        res = train_spawned(data, save, extra=base + sets)
         assert res.returncode == 0 and "step-2 at iteration 2" in res.stdout, res.stderr[-3000:]
         got = [r["loss"] for r in losses(save)]
         want = runs[src][2:]
