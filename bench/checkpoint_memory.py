@@ -145,7 +145,8 @@ def measure(case: Case, fmt: str) -> list:
 
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))  # inherited by the spawned ranks
     with tempfile.TemporaryDirectory(prefix="ckpt-mem-") as tmp:
-        return spawn_ranks(_worker, case.world, (case, fmt, tmp), timeout_s=600)
+        # spawn: glibc reads the threshold when a process starts; a forkserver child would keep its server's
+        return spawn_ranks(_worker, case.world, (case, fmt, tmp), timeout_s=600, start_method="spawn")
 
 
 def predicted(case: Case, fmt: str) -> dict:

@@ -49,11 +49,12 @@ def _rank_main(fn, rank, world_size, init_file, out_dir, args, threads, timeout_
     os.replace(path + ".tmp", path)
 
 
-def _context():
+def _context(method: Optional[str]):
     """The multiprocessing context of the ranks: spawn, or forkserver with its preload (see the module doc)."""
-    method = os.environ.get("MEGATRON_EXT_START_METHOD", "spawn")
+    method = method or os.environ.get("MEGATRON_EXT_START_METHOD", "spawn")
     if method not in ("spawn", "forkserver"):
-        raise ValueError(f"MEGATRON_EXT_START_METHOD={method!r}: use spawn or forkserver")
+        raise ValueError(f"start method {method!r} (MEGATRON_EXT_START_METHOD or start_method=): "
+                         "use spawn or forkserver")
     ctx = mp.get_context(method)
     if method == "forkserver":  # read when the server starts: the first call in this process
         ctx.set_forkserver_preload([m for m in os.environ.get("MEGATRON_EXT_FORKSERVER_PRELOAD", "").split(",") if m])
@@ -61,13 +62,16 @@ def _context():
 
 
 def spawn_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
-                timeout_s: float = 60.0, threads_per_rank: int = 1) -> List[Any]:
+                timeout_s: float = 60.0, threads_per_rank: int = 1, start_method: Optional[str] = None) -> List[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes.
 
     ``fn`` must be importable (module level). Returns the per-rank results in rank
     order; raises RuntimeError with the first failing rank's traceback.
+    ``start_method``: "spawn" or "forkserver"; None reads MEGATRON_EXT_START_METHOD.
+    Pass "spawn" where a rank needs what only a fresh process reads (glibc's
+    MALLOC_* settings, for example).
     """
-    ctx = _context()
+    ctx = _context(start_method)
     with tempfile.TemporaryDirectory(prefix="mext-spawn-") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [

@@ -35,17 +35,18 @@ def test_forkserver_ranks_see_the_callers_environment_and_the_preload(monkeypatc
 
 
 def test_spawn_ranks_import_afresh(monkeypatch):
-    monkeypatch.setenv("MEGATRON_EXT_START_METHOD", "spawn")
     monkeypatch.setenv("MEXT_SPAWN_PROBE", "spawn")
-    got = spawn_ranks(_what_rank_sees, 2)
+    got = spawn_ranks(_what_rank_sees, 2, start_method="spawn")  # the argument wins over the suite's forkserver
     assert [g["probe"] for g in got] == ["spawn", "spawn"]
     assert not any(g["mcore_loaded_before_use"] for g in got), got
 
 
 def test_unknown_start_method_is_named(monkeypatch):
     monkeypatch.setenv("MEGATRON_EXT_START_METHOD", "fork")
-    with pytest.raises(ValueError, match="MEGATRON_EXT_START_METHOD='fork': use spawn or forkserver"):
+    with pytest.raises(ValueError, match="start method 'fork' .*: use spawn or forkserver"):
         spawn_ranks(_what_rank_sees, 1)
+    with pytest.raises(ValueError, match="start method 'thread' .*: use spawn or forkserver"):
+        spawn_ranks(_what_rank_sees, 1, start_method="thread")
 
 
 def test_a_rank_past_the_limit_is_killed_and_named():
