@@ -28,9 +28,8 @@ import argparse
 import dataclasses
 import os
 import time
-from dataclasses import dataclass
 
-from bench.common import print_table, write_json
+from bench.common import BenchLayout, print_table, write_json
 from data_tools.sysinfo import peak_rss_bytes, reset_peak_rss
 
 SEQ, VOCAB = 256, 8192
@@ -38,24 +37,8 @@ MODEL = dict(num_layers=4, hidden_size=512, ffn_hidden_size=1536, num_attention_
 FORMATS = ("fully_reshardable", "dp_reshardable")
 
 
-@dataclass(frozen=True)
-class Case:
+class Case(BenchLayout):
     """One measured layout."""
-
-    name: str
-    """Row label."""
-    tp: int = 1
-    """Tensor parallel."""
-    pp: int = 1
-    """Pipeline stages."""
-    cp: int = 1
-    """Context parallel."""
-    dp: int = 1
-    """Data parallel."""
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.pp * self.cp * self.dp
 
 
 CASES = [Case("dp2", dp=2), Case("dp4", dp=4), Case("tp2", tp=2), Case("tp2xdp2", tp=2, dp=2), Case("pp2", pp=2),

@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
 
 import torch
@@ -70,3 +71,23 @@ def write_json(name: str, data: Dict, merge: bool = False, results_dir: str = RE
         json.dump(payload, f, indent=2)
     os.replace(path + ".tmp", path)
     return path
+
+
+@dataclass(frozen=True)
+class BenchLayout:
+    """One measured parallel layout: a row of a bench's table (benches add their own knobs)."""
+
+    name: str
+    """Row label."""
+    tp: int = 1
+    """Tensor parallel."""
+    pp: int = 1
+    """Pipeline stages."""
+    cp: int = 1
+    """Context parallel."""
+    dp: int = 1
+    """Data parallel."""
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp

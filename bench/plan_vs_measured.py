@@ -18,7 +18,7 @@ import argparse
 import time
 from dataclasses import dataclass
 
-from bench.common import print_table, write_json
+from bench.common import BenchLayout, print_table, write_json
 from megatron_ext.distributed import spawn_ranks
 
 SEQ, VOCAB = 2048, 1024
@@ -26,17 +26,9 @@ MODEL = dict(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_h
 
 
 @dataclass(frozen=True)
-class Case:
-    """One measured layout."""
+class Case(BenchLayout):
+    """One measured layout (pipeline stages run 1F1B; DP = 1)."""
 
-    name: str
-    """Row label."""
-    tp: int = 1
-    """Tensor parallel."""
-    pp: int = 1
-    """Pipeline stages (1F1B)."""
-    cp: int = 1
-    """Context parallel."""
     comm: str = "p2p"
     """cp_comm_type."""
     dist_opt: bool = True
@@ -49,10 +41,6 @@ class Case:
     """Sequence parallel (with TP > 1)."""
     micro_batches: int = 1
     """Micro-batches per step (global batch; DP = 1)."""
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.pp * self.cp
 
 
 CASES = [Case("cp1"), Case("cp2", cp=2), Case("cp4", cp=4), Case("cp2-allgather", cp=2, comm="all_gather"),
