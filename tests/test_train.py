@@ -34,7 +34,7 @@ def train(*args, timeout=120, **kw):
 
 
 def _stage_worker(rank, world, config, sets):
-    """What `megatron_ext.train` runs on each rank once its world is up; rank 0's stdout comes back."""
+    """What `megatron_ext.train` runs on each rank once its world is up; the exit code, stdout and stderr."""
     import contextlib
     import io
 
@@ -43,25 +43,26 @@ def _stage_worker(rank, world, config, sets):
 
     cfg = load_config(config, sets)
     validate(cfg, world)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = run_stage(cfg)
-    return code, out.getvalue()
+    return code, out.getvalue(), err.getvalue()
 
 
 def train_spawned(data, save_dir, nproc=4, config="tiny_cpu_pretrain.yaml", extra=(), prefix="pre", timeout=120):
     """The run of ``train`` on spawn_ranks' processes instead of torchrun's (no per-rank import of
     megatron-core under the suite's forkserver): for tests of what training computes, not of the
-    CLI or torchrun. Returns rank 0's exit code and stdout; a failing rank raises with its traceback."""
+    CLI or torchrun. Returns rank 0's exit code, stdout and stderr (Python-level writes); a rank
+    that raises makes this raise with its traceback."""
     from types import SimpleNamespace
 
     from megatron_ext.distributed import spawn_ranks
 
     sets = TINY + [f"data.blend=[1.0, {data[prefix]}]", f"data.tokenizer_model={data['tok']}",
                    f"checkpoint.save_dir={save_dir}", *extra]
-    code, out = spawn_ranks(_stage_worker, nproc, (os.path.join(REPO, "launch/configs", config), sets),
-                            timeout_s=timeout)[0]
-    return SimpleNamespace(returncode=code, stdout=out, stderr="")
+    code, out, err = spawn_ranks(_stage_worker, nproc, (os.path.join(REPO, "launch/configs", config), sets),
+                                 timeout_s=timeout)[0]
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def losses(save_dir):
