@@ -17,9 +17,14 @@ TINY = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128
         "logging.wandb=false", "logging.log_interval=1"]
 
 
-def train_cmd(data, save_dir, nproc=4, config="tiny_cpu_pretrain.yaml", extra=(), restarts=0, prefix="pre"):
-    sets = TINY + [f"data.blend=[1.0, {data[prefix]}]", f"data.tokenizer_model={data['tok']}",
+def _sets(data, save_dir, prefix, extra):
+    """The --set overrides of one tiny run: TINY, the data and tokenizer, the save folder, then ``extra``."""
+    return TINY + [f"data.blend=[1.0, {data[prefix]}]", f"data.tokenizer_model={data['tok']}",
                    f"checkpoint.save_dir={save_dir}", *extra]
+
+
+def train_cmd(data, save_dir, nproc=4, config="tiny_cpu_pretrain.yaml", extra=(), restarts=0, prefix="pre"):
+    sets = _sets(data, save_dir, prefix, extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--max-restarts",
            str(restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
            "-m", "megatron_ext.train", "--config", os.path.join(REPO, "launch/configs", config)]
@@ -58,8 +63,7 @@ def train_spawned(data, save_dir, nproc=4, config="tiny_cpu_pretrain.yaml", extr
 
     from megatron_ext.distributed import spawn_ranks
 
-    sets = TINY + [f"data.blend=[1.0, {data[prefix]}]", f"data.tokenizer_model={data['tok']}",
-                   f"checkpoint.save_dir={save_dir}", *extra]
+    sets = _sets(data, save_dir, prefix, extra)
     code, out, err = spawn_ranks(_stage_worker, nproc, (os.path.join(REPO, "launch/configs", config), sets),
                                  timeout_s=timeout)[0]
     return SimpleNamespace(returncode=code, stdout=out, stderr=err)
