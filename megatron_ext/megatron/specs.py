@@ -50,16 +50,20 @@ def _with_core_attention(layer_spec: ModuleSpec) -> ModuleSpec:
     return dataclasses.replace(layer_spec, submodules=layer_subs)
 
 
-def get_gpt_block_cp_spec(config, layer_spec: ModuleSpec, vp_stage=None, pp_rank=None):
+def get_gpt_block_cp_spec(config, layer_spec: ModuleSpec, vp_stage=None, pp_rank=None,
+                          use_transformer_engine: bool = False):
     """megatron-core TransformerBlockSubmodules for this pipeline stage: ``layer_spec``
-    repeated for the layers this stage builds, and a final norm that works under
-    sequence parallelism (what ``TransformerBlock`` would build from a layer spec,
-    with :class:`SequenceParallelNorm` in place of ``WrappedTorchNorm``)."""
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-    from megatron.core.transformer.transformer_block import (LayerNormImpl, TransformerBlockSubmodules,
-                                                             get_num_layers_to_build)
+    repeated for the layers this stage builds, and the final norm that matches the layers:
+    ``TENorm`` for the TE layer spec, else :class:`SequenceParallelNorm` (torch's LayerNorm or
+    RMSNorm, sequence-parallel aware). Chosen from ``use_transformer_engine``, not from what is
+    installed: megatron-core's ``LayerNormImpl`` is apex's FusedLayerNorm whenever apex imports,
+    and that refuses RMSNorm (fused_layer_norm.py:66-68)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    final_norm = SequenceParallelNorm if LayerNormImpl is WrappedTorchNorm else LayerNormImpl
+    if use_transformer_engine:
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = SequenceParallelNorm
     layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=final_norm)
 
