@@ -137,3 +137,13 @@ def collective_tensor(data, dtype: Optional[torch.dtype] = None, group=None) -> 
     """``torch.tensor(data, dtype)`` on :func:`collective_device` of ``group``: every
     small tensor the code hands to a collective comes from here."""
     return torch.tensor(data, dtype=dtype, device=collective_device(group))
+
+
+def compute_device() -> torch.device:
+    """Where this process computes: the device its process group's collectives need
+    (:func:`collective_device`: NCCL -> the current CUDA device, gloo -> the CPU), or, before
+    any group exists, the current CUDA device when CUDA exists, else the CPU. So gloo ranks on
+    a GPU node (:func:`spawn_ranks`: resharding; one-process conversion) compute on the CPU."""
+    if dist.is_available() and dist.is_initialized():
+        return collective_device()
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -38,7 +38,7 @@ def import_hf(hf_dir: str, out: str, dtype: str = "", device: str = "cpu") -> st
     cfg = dataclasses.replace(cfg, precision=dtype or "auto",
                               data=dataclasses.replace(cfg.data, tokenizer_model=tokenizer),
                               checkpoint=CheckpointConfig(save_dir=out + "-pretrain", init_from=out))
-    with single_process():
+    with single_process(device):
         model = build_fp32_model(cfg, cfg.model.vocab_size, device=device)
         params = dict(model.named_parameters())
         done = set()
@@ -66,7 +66,7 @@ def export_hf(checkpoint: str, out: str, dtype: str = "fp32", device: str = "cpu
     source = tokenizer_source(cfg.data.tokenizer_model)
     ids = token_ids(cfg.data.tokenizer_model, source) if source else {}
     hf = {**hf_config_from_train(cfg, vocab, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), **ids}
-    with single_process(), progress(total=3, unit="step", desc="export-hf") as bar:  # load, map, write
+    with single_process(device), progress(total=3, unit="step", desc="export-hf") as bar:  # load, map, write
         model = build_fp32_model(cfg, vocab, device=device)
         load_model_weights(step, model)
         bar.update(1)

@@ -28,7 +28,7 @@ class LogitsModel:
         and load its weights, once. ``device`` (default cpu) is where it runs."""
         cfg, vocab, step = read_checkpoint(checkpoint_dir)
         stack = contextlib.ExitStack()
-        stack.enter_context(process_group())
+        stack.enter_context(process_group(device or "cpu"))
         try:
             with torch.random.fork_rng(devices=[]):  # the builder seeds torch; leave the caller's generator alone
                 model = build_fp32_model(cfg, vocab)

@@ -16,17 +16,18 @@ from ..train.config import ParallelConfig, TrainConfig
 
 
 @contextlib.contextmanager
-def single_process():
+def single_process(device="cpu"):
     """A 1-rank gloo group and parallel_state (TP = CP = 1) for the block, unless they
     exist already; what this created is torn down on exit. The caller's torch RNG
-    state is restored on exit (the model builder seeds torch)."""
-    with process_group():
+    state is restored on exit (the model builder seeds torch). ``device``: where the
+    model will compute (megatron-core's CPU patches apply for the CPU, even where CUDA exists)."""
+    with process_group(device):
         with torch.random.fork_rng(devices=[]):
             yield
 
 
 @contextlib.contextmanager
-def process_group():
+def process_group(device="cpu"):
     """:func:`single_process` without the RNG fork: for a model that outlives one call
     (:class:`~megatron_ext.convert.logits.LogitsModel` holds it open)."""
     from ..train.model import init_model_parallel
@@ -41,7 +42,7 @@ def process_group():
     created_state = not parallel_state.model_parallel_is_initialized()
     try:
         if created_state:
-            init_model_parallel(TrainConfig())
+            init_model_parallel(TrainConfig(), device)
         yield
     finally:
         if created_state:

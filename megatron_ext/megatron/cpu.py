@@ -3,8 +3,8 @@
 megatron-core assumes CUDA in a few places that a CPU run reaches. Each patch
 below names its target, checks that the target still exists (and raises a
 RuntimeError naming it when a new megatron-core moved it), and is applied only
-when CUDA is unavailable: on a GPU machine :func:`enable_cpu_runtime` changes
-nothing.
+in a process that computes on the CPU (no CUDA, or a gloo world on a GPU node:
+resharding and conversion); a process that computes on CUDA never has them.
 
 1. RNG tracker: ``tensor_parallel.random`` keeps CUDA generator states; on CPU
    the tracker forks torch's CPU generator instead, so
@@ -55,6 +55,7 @@ import types
 
 import torch
 
+from ..distributed import compute_device
 from ..sharding import shard_sequence
 
 _APPLIED = []
@@ -331,9 +332,17 @@ def _patch_cp_rope_slicing():
                 get_pos_emb_on_this_cp_rank)
 
 
-def enable_cpu_runtime() -> bool:
-    """Apply the CPU patches once; returns True when they are active (no CUDA)."""
-    if torch.cuda.is_available():
+def enable_cpu_runtime(device=None) -> bool:
+    """Apply the CPU patches once when this process computes on the CPU; returns True when
+    they are active. ``device``: where it computes (default
+    :func:`~megatron_ext.distributed.compute_device`: a gloo world computes on the CPU even
+    where CUDA exists). The patches are process-wide and stay: a process that applied them
+    refuses a CUDA device (RuntimeError) instead of running megatron-core half-patched."""
+    device = torch.device(device) if device is not None else compute_device()
+    if device.type != "cpu":
+        if _APPLIED:
+            raise RuntimeError(f"enable_cpu_runtime: this process applied megatron-core's CPU patches for a CPU "
+                               f"run earlier; it cannot also compute on {device}: use a fresh process")
         return False
     if not _APPLIED:
         for patch in (_patch_rng_tracker, _patch_current_device, _patch_causal_mask, _patch_cp_rope_slicing,

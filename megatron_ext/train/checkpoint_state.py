@@ -80,23 +80,33 @@ def _rng_object():
 
 
 def rng_states() -> dict:
-    """This rank's generators: Python, NumPy, torch CPU, CUDA (only when present) and
-    megatron-core's model-parallel tracker (``get_cuda_rng_tracker().get_states()``)."""
+    """This rank's generators: Python, NumPy, torch CPU, CUDA (when this process computes on
+    CUDA) and megatron-core's model-parallel tracker (``get_cuda_rng_tracker().get_states()``:
+    CUDA generator states on a GPU, CPU ones under the CPU patches), with the device type."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+    from ..distributed import compute_device
+
+    device = compute_device().type
     return {"random": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "tracker": get_cuda_rng_tracker().get_states()}
+            "cuda": torch.cuda.get_rng_state() if device == "cuda" else None,
+            "tracker": get_cuda_rng_tracker().get_states(), "device": device}
 
 
 def set_rng_states(states: dict) -> None:
-    """Restore what :func:`rng_states` returned (the CUDA part only when CUDA is present)."""
+    """Restore what :func:`rng_states` returned. The CUDA and tracker states only on the device
+    type they were saved on (a CPU generator state does not fit a CUDA generator): a run saved
+    on CPU and resumed on a GPU keeps its fresh tracker seeds."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    from ..distributed import compute_device
 
     random.setstate(states["random"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["cpu"])
-    if states.get("cuda") is not None and torch.cuda.is_available():
+    if states.get("device", "cpu") != compute_device().type:
+        return
+    if states.get("cuda") is not None:
         torch.cuda.set_rng_state(states["cuda"])
     get_cuda_rng_tracker().set_states(states["tracker"])
 
