@@ -164,10 +164,12 @@ def attention_scale_factor(cfg: RopeConfig) -> float:
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
     """Rotate x: [b, s, h, d] (non-interleaved halves) at positions [s]; fp32 math, x's dtype out.
 
-    On a CP rank pass ``sharding.position_ids(S, rank, P)`` to rotate a zigzag shard.
+    On a CP rank pass ``sharding.position_ids(S, rank, P)`` to rotate a zigzag shard. The
+    angles are computed where ``positions`` live (a host tensor keeps the fp64 maths and
+    ``dynamic``'s max off the GPU) and then moved to x's device.
     """
     d = x.shape[-1]
-    ang = rope_angles(positions, d, cfg)[None, :, None, :]
+    ang = rope_angles(positions, d, cfg).to(x.device)[None, :, None, :]
     cos, sin = torch.cos(ang), torch.sin(ang)
     x1, x2 = x.float()[..., : d // 2], x.float()[..., d // 2:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)

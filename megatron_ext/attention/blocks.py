@@ -120,9 +120,14 @@ class CudaFlashKernel:
     so GQA never repeats K/V here."""
 
     name = "cuda_flash"
+    MAX_HEAD_DIM = 256  # FA2's mha_fwd; SDPA pads d to a multiple of 8 first, this direct call does not
 
-    @staticmethod
-    def forward(q, k, v, causal: bool, scale: float):
+    @classmethod
+    def forward(cls, q, k, v, causal: bool, scale: float):
+        d = q.shape[-1]
+        if d % 8 or d > cls.MAX_HEAD_DIM:
+            raise ValueError(f"head dim {d} (q {list(q.shape)}): torch's CUDA flash kernel needs a multiple of 8 "
+                             f"up to {cls.MAX_HEAD_DIM}; use such a kv_channels, or fp32 (memory-efficient kernel)")
         res = _aten._scaled_dot_product_flash_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False, scale=scale)
         return res[0].transpose(1, 2), res[1]

@@ -36,10 +36,22 @@ class RingComm:
         Returns the pending works; pass them to :func:`wait_all` before touching
         either list again.
         """
+        check_backend_device(self.group, send)
         ops = [dist.P2POp(dist.isend, t, self.next_peer, self.group, tag) for t in send]
         ops += [dist.P2POp(dist.irecv, t, self.prev_peer, self.group, tag) for t in recv]
         count_sent(phase, send)
         return dist.batch_isend_irecv(ops)
+
+
+def check_backend_device(group, tensors: Sequence[torch.Tensor]) -> None:
+    """ValueError unless ``tensors`` live where ``group``'s backend communicates: CUDA for
+    NCCL, the CPU for gloo (gloo's send/recv take no CUDA tensors; NCCL takes no CPU ones)."""
+    backend = str(dist.get_backend(group)).lower()
+    want = "cuda" if "nccl" in backend else "cpu" if "gloo" in backend else None
+    for t in tensors:
+        if want and t.device.type != want:
+            raise ValueError(f"context-parallel exchange on a {backend} group got a {t.device.type} tensor "
+                             f"{list(t.shape)}: {backend} needs {want} tensors (one CUDA device per rank for NCCL)")
 
 
 def wait_all(works: Optional[List[dist.Work]]) -> None:
@@ -53,6 +65,7 @@ def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group, phase: st
 
     Counted as a ring all-gather: each rank sends (P-1) blocks of ``tensor``'s size.
     """
+    check_backend_device(group, [tensor])
     count_sent(phase, [tensor], dist.get_world_size(group) - 1)
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(output, tensor.contiguous(), group=group)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ..sharding import as_packed_layout
 from .checks import LOCAL_ONLY, rank_and_size, validate
+from .comm import check_backend_device
 from .packed import LocalDoc, local_docs
 from .ring import ring_backward, ring_forward
 from .stats import count_sent
@@ -42,6 +43,7 @@ def _all_to_all(x: Tensor, group, phase: str) -> Tensor:
     world = x.shape[0]
     if world == 1:
         return x
+    check_backend_device(group, [x])
     out = torch.empty_like(x)
     count_sent(phase, [x], (world - 1) / world)
     dist.all_to_all_single(out, x, group=group)
