@@ -18,6 +18,18 @@ def check_model_choices(cfg) -> None:
     _check_recompute(cfg)
 
 
+def check_vocab_size(vocab_size: int, cfg, source: str = "model.vocab_size") -> None:
+    """ValueError unless the embedding's ``vocab_size`` rows split evenly over TP (megatron-core's
+    vocab-parallel embedding and output layer divide them; tensor_parallel/utils.py asserts).
+    ``source`` names where the size came from (the key, or the tokenizer)."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    if vocab_size % tp:
+        padded = -(-vocab_size // (128 * tp)) * 128 * tp
+        raise ValueError(f"{source} gives {vocab_size} vocabulary rows, which do not divide by "
+                         f"tensor_model_parallel_size {tp}: set model.vocab_size to a multiple of {tp} at least "
+                         f"{vocab_size} (Megatron-LM pads to a multiple of 128 x TP: {padded})")
+
+
 def _check_recompute(cfg) -> None:
     m, g = cfg.model, cfg.model.recompute_granularity
     if g not in (None, "full", "selective"):

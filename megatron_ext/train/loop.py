@@ -18,6 +18,7 @@ import yaml
 from ..distributed import collective_tensor
 from . import checkpoint as ckpt
 from .config import TrainConfig, packing_mode, to_dict, validate
+from .config_checks import check_vocab_size
 from .data import build_datasets, load_train_tokenizer, sample_batches
 from .metrics import MetricsLogger, flops_per_token
 from .model import build_model, build_model_chunks, init_model_parallel, unwrap, wrap_model
@@ -48,6 +49,8 @@ class Trainer:
         self.ps = init_model_parallel(cfg)
         self.tokenizer = load_train_tokenizer(cfg.data.tokenizer_model)
         self.vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
+        check_vocab_size(self.vocab_size, cfg, "model.vocab_size" if cfg.model.vocab_size
+                         else f"the tokenizer {cfg.data.tokenizer_model}")
         chunks, self.bf16 = build_model_chunks(cfg, self.vocab_size)
         self.model = [wrap_model(cfg, chunk, i) for i, chunk in enumerate(chunks)]  # one per virtual stage
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)

@@ -9,17 +9,19 @@ import math
 
 import torch
 
+from ..distributed import compute_device
 from .config import TrainConfig, virtual_pipeline_size
 
 
 def use_bf16(cfg: TrainConfig) -> bool:
     """bf16 parameters and compute: ``precision: bf16``, or ``auto`` on a GPU."""
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and default_device().type == "cuda")
 
 
 def default_device() -> torch.device:
-    """The trainer's device: this process's current CUDA device when CUDA exists, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """The trainer's device: where this process computes (distributed.compute_device: the current
+    CUDA device in an NCCL world, the CPU in a gloo world even on a GPU node)."""
+    return compute_device()
 
 
 def transformer_config(cfg: TrainConfig, device=None):
@@ -59,6 +61,8 @@ def transformer_config(cfg: TrainConfig, device=None):
         recompute_granularity=rc.granularity, recompute_method=rc.method, recompute_num_layers=rc.num_layers,
         recompute_modules=list(rc.modules) if rc.modules else None,
         gated_linear_unit=m.swiglu, activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
+        # as Megatron-LM sets it: a pipeline stage frees its sent activations' data after the send
+        deallocate_pipeline_outputs=True,
         bias_activation_fusion=False, normalization=m.normalization, add_bias_linear=m.add_bias_linear,
         layernorm_epsilon=m.norm_epsilon, add_qkv_bias=m.add_qkv_bias,
     )
@@ -122,6 +126,7 @@ def _build_chunk(cfg: TrainConfig, config, vocab_size: int, vp_stage):
     model = build_gpt_model(config, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_length,
                             rope=m.rope, layer_spec=get_gpt_layer_cp_spec(normalization=m.normalization,
                                                                           use_transformer_engine=te),
+                            use_transformer_engine=te,
                             share_embeddings_and_output_weights=not m.untie_embeddings,
                             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
                                                                                vp_stage=vp_stage),
@@ -162,12 +167,13 @@ def wrap_model(cfg: TrainConfig, model, chunk: int = 0):
     return DistributedDataParallel(config, ddp_config, model, disable_bucketing=chunk > 0)
 
 
-def init_model_parallel(cfg: TrainConfig):
+def init_model_parallel(cfg: TrainConfig, device=None):
     """megatron-core's parallel_state for cfg.parallel (torch.distributed already
-    initialised; CPU runtime patches applied off CUDA); returns the module."""
+    initialised; the CPU runtime patches applied when this process computes on the CPU:
+    ``device``, default :func:`default_device`); returns the module."""
     from ..megatron.cpu import enable_cpu_runtime
 
-    enable_cpu_runtime()
+    enable_cpu_runtime(device)
     from megatron.core import parallel_state
 
     p = cfg.parallel
