@@ -35,8 +35,8 @@ bench: install
 # manylinux wheels in .whl/ (run where pip reaches a registry); gpu-check: one table, <= 8 min
 # on one H100; without CUDA it runs the CPU-safe rows and SKIPs the rest, saying why.
 GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
-gpu-wheels:
-	mkdir -p .whl
+gpu-wheels:  # a fresh folder: two versions of one wheel stop the install there
+	rm -rf .whl && mkdir -p .whl
 	$(GPU_PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 -d .whl -r requirements/gpu-wheels.txt

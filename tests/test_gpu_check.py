@@ -51,7 +51,7 @@ def test_cpu_mode_passes_cpu_rows_and_skips_cuda_rows_saying_why(tmp_path):
     table = res.stdout[res.stdout.index("GPU acceptance check"):]
     assert table.splitlines()[1].split() == ["section", "check", "result", "figure", "tolerance", "status"]
     assert len([line for line in table.splitlines() if line.rstrip().endswith(("PASS", "SKIP"))]) == len(got)
-    assert "no CUDA device" in res.stdout and out["exit_code"] == 0
+    assert "no CUDA device" in res.stdout and out["exit_code"] == 0 and out["partial"] is False
 
 
 def test_perturbed_references_fail_every_row_that_runs(tmp_path):
@@ -63,6 +63,22 @@ def test_perturbed_references_fail_every_row_that_runs(tmp_path):
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+def test_rows_are_recorded_after_each_section_and_late_runs_are_not_started(monkeypatch):
+    import time
+
+    from bench.gpu_check.__main__ import Context, run_sections
+
+    monkeypatch.setattr(kernels, "exact_rows", lambda cuda: [rows.Row("1 block kernels", "a", rows.PASS, "ok")])
+    monkeypatch.setattr(kernels, "speed_rows", lambda cuda: [rows.Row("5 kernel speed", "b", rows.SKIP, "-")])
+    seen = []
+    ctx = Context(cuda=False, work="unused")
+    run_sections(ctx, ["1", "5"], after_each=lambda done: seen.append([r.check for r in done]))
+    assert seen == [["a"], ["a", "b"]]  # a run killed after section 1 still has its row on disk
+    assert Context(cuda=False, work="", deadline=time.monotonic() + 1000).timeout(300) == 300
+    with pytest.raises(RuntimeError, match=r"not started: (29|30) s of --budget-s left"):
+        Context(cuda=False, work="", deadline=time.monotonic() + 30).timeout(300)
+
+
 def _wheel(folder, name, version, module, top_level=True):
     """A minimal pure-Python wheel installing ``module`` (VALUE = version)."""
     path = os.path.join(folder, f"{name}-{version}-py3-none-any.whl")

@@ -37,8 +37,12 @@ class Context:
 
     def timeout(self, wanted: float) -> float:
         """A subprocess's timeout: ``wanted`` seconds, cut so the run still ends (and prints
-        its table) by the deadline; at least 30 s."""
-        return max(30.0, min(wanted, self.deadline - time.monotonic() - 15.0))
+        its table) by the deadline; at least 30 s. RuntimeError (the row FAILs, saying so)
+        when under 60 s are left: a 30 s run plus its 45 s shutdown would overrun."""
+        left = self.deadline - time.monotonic()
+        if left < 60.0:
+            raise RuntimeError(f"not started: {left:.0f} s of --budget-s left")
+        return max(30.0, min(wanted, left - 15.0))
 
 
 def _version(module: str) -> str:
@@ -48,7 +52,7 @@ def _version(module: str) -> str:
         return f"not importable ({type(err).__name__})"
 
 
-def run_sections(ctx: Context, sections) -> list:
+def run_sections(ctx: Context, sections, after_each=None) -> list:
     from . import kernels, logits, packed, training
 
     table = {"1": lambda: kernels.exact_rows(ctx.cuda), "2": lambda: packed.packed_rows(ctx.cuda),
@@ -64,6 +68,8 @@ def run_sections(ctx: Context, sections) -> list:
         except Exception as err:  # noqa: BLE001 - a section's own bug still leaves the table
             rows += failed_rows(f"{s} (crashed)", ["the whole section"], err)
         print(f"gpu_check: section {s} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        if after_each:
+            after_each(rows)
     return rows
 
 
@@ -112,15 +118,21 @@ def main(argv=None) -> int:
     print(f"gpu_check: {device}; torch {torch.__version__}; wheels: {wheels}", flush=True)
     rows = [Row("0 setup", "wheels from .whl/", FAIL, wheel_error)] if wheel_error else []
     ctx = Context(cuda=cuda, work=os.path.abspath(args.work_dir), deadline=START + args.budget_s)
-    rows += run_sections(ctx, sections)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    def record(done: list, partial: bool) -> str:
+        """The JSON so far: written after every section too, so a run killed from outside keeps its rows."""
+        return write_json("gpu_check", {"date": when, "device": device, "self_test": args.perturb_reference,
+                                        "wheels": wheels, "partial": partial, "exit_code": exit_code(done),
+                                        "rows": [r.to_dict() for r in done]},
+                          results_dir=args.results_dir or RESULTS_DIR)
+
+    rows += run_sections(ctx, sections, after_each=lambda done: record(rows + done, True))
     title = (f"GPU acceptance check, {when}: {device}; torch {torch.__version__}, megatron-core "
              f"{_version('megatron.core')}" + ("; SELF-TEST (--perturb-reference)" if args.perturb_reference else ""))
     print_table(title, HEADERS, [r.cells() for r in rows])
     code = exit_code(rows)
-    path = write_json("gpu_check", {"date": when, "device": device, "self_test": args.perturb_reference,
-                                    "wheels": wheels, "exit_code": code, "rows": [r.to_dict() for r in rows]},
-                      results_dir=args.results_dir or RESULTS_DIR)
+    path = record(rows, False)
     counts = {s: sum(r.status == s for r in rows) for s in ("PASS", "FAIL", "SKIP")}
     print(f"\ngpu_check: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP in "
           f"{time.monotonic() - START:.0f} s -> {path}")
