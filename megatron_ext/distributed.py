@@ -147,3 +147,33 @@ def compute_device() -> torch.device:
     if dist.is_available() and dist.is_initialized():
         return collective_device()
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class LaggedVote:
+    """Whether any rank of the world raised a flag, agreed (MAX all-reduce) without draining the
+    GPU queue: :meth:`post` starts the all-reduce and a non-blocking copy to pinned host memory;
+    :meth:`read`, called one step later, waits only for that copy, not for the work queued since.
+    Every rank posts and reads at the same points, so all agree on the same post."""
+
+    def __init__(self, group=None):
+        self.group = group
+        device = collective_device(group)
+        self.flag = torch.zeros(1, device=device)
+        self.host = torch.zeros(1, pin_memory=device.type == "cuda")
+        self.ready = None
+
+    def post(self, raised: bool) -> None:
+        """Start agreeing on this rank's ``raised`` (no host sync: fill_ takes a Python scalar)."""
+        self.flag.fill_(float(raised))
+        dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group)
+        self.host.copy_(self.flag, non_blocking=True)
+        if self.flag.is_cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def read(self) -> bool:
+        """The agreed result of the last :meth:`post`."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return bool(self.host[0])

@@ -136,7 +136,8 @@ def test_sigterm_mid_iteration_with_async_save_exits_0_and_resumes_identically(d
 
 
 def _stop_worker(rank, world, data, save):
-    """Rank 1 gets the signal during micro-batch 2: every rank stops before micro-batch 3."""
+    """Rank 1 gets the signal during micro-batch 2: the vote posted before micro-batch 3 carries
+    it, and every rank reads that vote, and stops, before micro-batch 4."""
     import torch
 
     from megatron_ext.train.loop import StopRequested, Trainer
@@ -165,7 +166,7 @@ def _stop_worker(rank, world, data, save):
 
 def test_stop_flag_is_agreed_between_micro_batches(data, tmp_path):
     out = spawn_ranks(_stop_worker, 2, (data, str(tmp_path / "s")), timeout_s=150)
-    assert out == [("stop requested before micro-batch 3/4", 3, True)] * 2, out
+    assert out == [("stop requested before micro-batch 4/4", 4, True)] * 2, out
 
 
 def _rng_worker(rank, world, data, save):

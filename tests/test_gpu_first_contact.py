@@ -122,3 +122,21 @@ def test_validate_names_sequence_parallel_and_vocabulary_splits():
     with pytest.raises(ValueError, match=r"model.vocab_size gives 32001 .*tensor_model_parallel_size 2.*: 32256"):
         validate(load_config(TINY, base + ["model.vocab_size=32001"]), 4)
     validate(load_config(TINY, base + ["model.vocab_size=32256"]), 4)
+
+
+def _vote_worker(rank, world):
+    from megatron_ext.distributed import LaggedVote
+
+    vote = LaggedVote()
+    seen = []
+    for raised in ([False, True], [False, False], [True, True]):
+        vote.post(raised[rank])
+        seen.append(vote.read())
+    return seen, vote.host.device.type
+
+
+def test_lagged_vote_agrees_on_any_raised_flag():
+    """The stop check between micro-batches (no host sync on CUDA: the read waits only for the
+    vote's own copy); on gloo the same calls agree over the world."""
+    out = spawn_ranks(_vote_worker, 2, timeout_s=60)
+    assert out == [([True, False, True], "cpu")] * 2, out

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..distributed import collective_tensor
+from ..distributed import LaggedVote, collective_tensor
 from . import checkpoint as ckpt
 from .config import TrainConfig, packing_mode, to_dict, validate
 from .config_checks import check_vocab_size
@@ -63,6 +63,7 @@ class Trainer:
         c = cfg.checkpoint
         self.saver = ckpt.CheckpointSaver(c.save_dir, c.keep_last, c.format, c.async_save)
         self.stop_requested = False
+        self.stop_vote = LaggedVote()  # between micro-batches (_checking_stop)
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, *_):
@@ -75,13 +76,17 @@ class Trainer:
         return bool(stop.item())
 
     def _checking_stop(self, shards):
-        """Yield the micro-batches; before each one after the first, every rank agrees on the
-        stop flag and a stop abandons the iteration (StopRequested), so the last completed
-        iteration is saved. Only without a pipeline: an all-reduce inside 1F1B would wait
+        """Yield the micro-batches; every rank votes on the stop flag before each one but the last,
+        and reads that vote before the next: a stop abandons the iteration (StopRequested), so the
+        last completed iteration is saved. One micro-batch late, so that the check never drains
+        the GPU queue (LaggedVote). Only without a pipeline: an all-reduce inside 1F1B would wait
         on a stage that waits on this one's activations."""
+        vote = self.stop_vote
         for k, shard in enumerate(shards):
-            if k and self._stop_agreed():
+            if k and vote.read():
                 raise StopRequested(f"stop requested before micro-batch {k + 1}/{len(shards)}")
+            if k + 1 < len(shards):
+                vote.post(self.stop_requested)
             yield shard
 
     # -- checkpoints ------------------------------------------------------------------------
