@@ -131,6 +131,7 @@ def _trainer(cfg, vocab: int = VOCAB):
     import torch.distributed as dist
     from megatron.core.distributed import finalize_model_grads
 
+    from megatron_ext.distributed import LaggedVote
     from megatron_ext.train.config import validate
     from megatron_ext.train.loop import RunState, Trainer
     from megatron_ext.train.model import build_model, init_model_parallel, wrap_model
@@ -146,6 +147,7 @@ def _trainer(cfg, vocab: int = VOCAB):
     model.config.no_sync_func = t.model[0].no_sync
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.grad_scale_func = t.optimizer.scale_loss
+    t.stop_requested, t.stop_vote = False, LaggedVote()
     return t
 
 

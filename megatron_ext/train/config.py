@@ -10,7 +10,7 @@ import yaml
 
 from ..rope import RopeConfig
 from .config_checks import (check_heads, check_lr_schedule, check_model_choices, check_virtual_pipeline,
-                            check_vocab_size, virtual_pipeline_size)
+                            check_vocab_size, sequence_parallel, virtual_pipeline_size)
 
 
 @dataclass
@@ -345,7 +345,7 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     if cfg.data.seq_length % (2 * p.context_parallel_size):
         raise ValueError(f"data.seq_length {cfg.data.seq_length} must divide by 2 x CP = {2 * p.context_parallel_size}")
     tp, local = p.tensor_model_parallel_size, cfg.data.seq_length // p.context_parallel_size
-    if tp > 1 and (p.sequence_parallel is None or p.sequence_parallel) and local % tp:
+    if tp > 1 and sequence_parallel(cfg) and local % tp:
         raise ValueError(f"sequence parallelism splits a CP rank's {local} tokens (data.seq_length / CP) over "
                          f"TP = {tp}: they must divide by it (tensor_parallel/mappings.py scatters evenly)")
     if cfg.model.vocab_size:

@@ -18,6 +18,12 @@ def check_model_choices(cfg) -> None:
     _check_recompute(cfg)
 
 
+def sequence_parallel(cfg) -> bool:
+    """``parallel.sequence_parallel``; unset means on exactly when TP > 1."""
+    sp = cfg.parallel.sequence_parallel
+    return cfg.parallel.tensor_model_parallel_size > 1 if sp is None else bool(sp)
+
+
 def check_vocab_size(vocab_size: int, cfg, source: str = "model.vocab_size") -> None:
     """ValueError unless the embedding's ``vocab_size`` rows split evenly over TP (megatron-core's
     vocab-parallel embedding and output layer divide them; tensor_parallel/utils.py asserts).

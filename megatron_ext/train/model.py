@@ -11,6 +11,7 @@ import torch
 
 from ..distributed import compute_device
 from .config import TrainConfig, virtual_pipeline_size
+from .config_checks import sequence_parallel
 
 
 def use_bf16(cfg: TrainConfig) -> bool:
@@ -61,17 +62,13 @@ def transformer_config(cfg: TrainConfig, device=None):
         recompute_granularity=rc.granularity, recompute_method=rc.method, recompute_num_layers=rc.num_layers,
         recompute_modules=list(rc.modules) if rc.modules else None,
         gated_linear_unit=m.swiglu, activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
-        # as Megatron-LM sets it: a pipeline stage frees its sent activations' data after the send
-        deallocate_pipeline_outputs=True,
+        # on CUDA as Megatron-LM sets it: a stage frees its sent activations' data after posting the
+        # send (the caching allocator orders reuse after it); on CPU an async gloo send may still be
+        # reading that memory when it is freed (interleaved runs gave NaN losses)
+        deallocate_pipeline_outputs=torch.device(device or default_device()).type == "cuda",
         bias_activation_fusion=False, normalization=m.normalization, add_bias_linear=m.add_bias_linear,
         layernorm_epsilon=m.norm_epsilon, add_qkv_bias=m.add_qkv_bias,
     )
-
-
-def sequence_parallel(cfg: TrainConfig) -> bool:
-    """``parallel.sequence_parallel``; unset means on exactly when TP > 1."""
-    sp = cfg.parallel.sequence_parallel
-    return cfg.parallel.tensor_model_parallel_size > 1 if sp is None else bool(sp)
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, device=None):
