@@ -42,7 +42,11 @@ def _cpu_rank_on_a_gpu_node(rank, world):
     set_rng_states({**states, "device": "cuda", "tracker": sentinel})  # saved on a GPU: tracker left alone
     kept = sorted(get_cuda_rng_tracker().get_states())
     set_rng_states({**states, "tracker": sentinel})  # same device type: restored
-    return {"device": str(default_device()), "logits": (str(logits.device), tuple(logits.shape)),
+    from megatron_ext.sysinfo import peak_rss_bytes
+    from megatron_ext.train.metrics import peak_memory_bytes
+
+    torch.cuda.max_memory_allocated = lambda *a, **k: -1  # the GPU's allocator is not this rank's memory
+    return {"peak": (peak_memory_bytes(), peak_rss_bytes()), "device": str(default_device()), "logits": (str(logits.device), tuple(logits.shape)),
             "refused": refused, "rng_device": states["device"], "kept": kept,
             "before": sorted(states["tracker"]), "restored": sorted(get_cuda_rng_tracker().get_states())}
 
@@ -53,6 +57,7 @@ def test_gloo_rank_on_a_gpu_node_computes_on_the_cpu():
     assert res["logits"] == ("cpu", (1, 16, 64))
     assert "CPU patches" in res["refused"] and "fresh process" in res["refused"]
     assert res["kept"] == res["before"] != ["saved-elsewhere"] and res["restored"] == ["saved-elsewhere"]
+    assert 0 < res["peak"][0] <= res["peak"][1]  # the metrics line reports this process's RSS, not the GPU's
 
 
 def test_final_norm_follows_the_te_choice_not_what_is_installed(monkeypatch):

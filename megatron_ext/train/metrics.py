@@ -10,6 +10,19 @@ from ..sysinfo import peak_rss_bytes
 from .config import to_dict
 
 
+def peak_memory_bytes() -> int:
+    """Peak memory of the device this rank computes on: the CUDA allocator's peak on a GPU,
+    else the process's peak RSS (a gloo rank on a GPU node computes on the CPU)."""
+    import torch
+
+    from ..distributed import compute_device
+
+    device = compute_device()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return peak_rss_bytes()
+
+
 class MetricsLogger:
     """Prints (rank 0), appends metrics.jsonl, and feeds wandb/TensorBoard."""
 
@@ -39,11 +52,9 @@ class MetricsLogger:
     def iteration(self, state, out: dict, seconds: float, lr: float) -> None:
         if self.rank != 0:
             return
-        import torch
-
         tokens_per_rank = out["tokens"] / self.world  # unmasked tokens are what the loss sees
         seq_tokens = self.cfg.optim.global_batch_size * self.cfg.data.seq_length / self.world
-        peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss_bytes()) / 2**20
+        peak = peak_memory_bytes() / 2**20
         rec = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "ms_per_iter": 1000 * seconds,
                "tokens_per_s_per_rank": seq_tokens / seconds, "tflops_per_rank": seq_tokens * self.flops_token / seconds / 1e12,
                "lr": lr, "loss": out["loss"], "grad_norm": out["grad_norm"], "skipped": state.skipped_iterations,
