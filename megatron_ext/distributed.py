@@ -16,6 +16,7 @@ decides where a tensor handed to a collective lives (cuda for nccl, cpu for gloo
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
@@ -147,6 +148,24 @@ def compute_device() -> torch.device:
     if dist.is_available() and dist.is_initialized():
         return collective_device()
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def current_cuda_device(device):
+    """Make ``device`` (e.g. "cuda:1") CUDA's current device for the block, then restore the
+    previous one; a no-op for the CPU or a bare "cuda". Code that allocates on
+    ``torch.cuda.current_device()`` (megatron-core's weights without CPU initialisation, and
+    its rotary table's ``inv_freq``) then lands on ``device``, not on GPU 0."""
+    device = torch.device(device)
+    if device.type != "cuda" or device.index is None:
+        yield
+        return
+    previous = torch.cuda.current_device()
+    torch.cuda.set_device(device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_device(previous)
 
 
 class LaggedVote:

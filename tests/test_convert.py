@@ -74,6 +74,36 @@ def test_import_logits_and_export_roundtrip(arch, tmp_path):
     assert torch.equal(_hf_logits(again, ids), ref)
 
 
+def test_export_shards_bounded_files_with_an_index_and_clears_stale_ones(tmp_path):
+    """Shards of at most 40 KB (one tensor of 64 KB gets a file of its own) and transformers'
+    index; fp16 keeps the exact fp16 bits; a second export into the folder, unsharded,
+    removes the first one's shards and index, and no temp file is left."""
+    model = _hf_model("llama", seed=3)
+    import_hf(_save(model, tmp_path / "hf"), str(tmp_path / "ours"))
+    out = tmp_path / "back"
+    export_hf(str(tmp_path / "ours"), str(out), "fp16", max_shard_bytes=40_000)
+    index = json.load(open(out / "model.safetensors.index.json"))
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"
+    sizes = {f: os.path.getsize(out / f) for f in files}
+    exported = {}
+    for f in files:
+        shard = load_file(str(out / f))
+        assert sizes[f] <= 40_000 + 4096 or (len(shard) == 1 and next(iter(shard.values())).nbytes > 40_000), (f, sizes[f])
+        exported.update(shard)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in exported.values())
+    assert sorted(exported) == sorted(index["weight_map"]) == sorted(model.state_dict())
+    assert all(t.dtype == torch.float16 and torch.equal(t, model.state_dict()[k].half()) for k, t in exported.items())
+    assert json.load(open(out / "config.json"))["torch_dtype"] == "float16"
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
+    assert all(torch.equal(again[k], t.float()) for k, t in exported.items())  # transformers follows the index
+
+    export_hf(str(tmp_path / "ours"), str(out), "bf16")  # one file now: the shards and index must go
+    left = sorted(f for f in os.listdir(out) if f.startswith("model"))
+    assert left == ["model.safetensors"], left
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
 ROPE_KINDS = {
     "linear": {"rope_type": "linear", "factor": 4.0},
     "dynamic": {"rope_type": "dynamic", "factor": 4.0},

@@ -46,7 +46,7 @@ def _cpu_rank_on_a_gpu_node(rank, world):
     from megatron_ext.train.metrics import peak_memory_bytes
 
     torch.cuda.max_memory_allocated = lambda *a, **k: -1  # the GPU's allocator is not this rank's memory
-    return {"peak": (peak_memory_bytes(), peak_rss_bytes()), "device": str(default_device()), "logits": (str(logits.device), tuple(logits.shape)),
+    return {"peak": (peak_memory_bytes(), peak_rss_bytes()), "init": model.config.perform_initialization, "device": str(default_device()), "logits": (str(logits.device), tuple(logits.shape)),
             "refused": refused, "rng_device": states["device"], "kept": kept,
             "before": sorted(states["tracker"]), "restored": sorted(get_cuda_rng_tracker().get_states())}
 
@@ -58,6 +58,24 @@ def test_gloo_rank_on_a_gpu_node_computes_on_the_cpu():
     assert "CPU patches" in res["refused"] and "fresh process" in res["refused"]
     assert res["kept"] == res["before"] != ["saved-elsewhere"] and res["restored"] == ["saved-elsewhere"]
     assert 0 < res["peak"][0] <= res["peak"][1]  # the metrics line reports this process's RSS, not the GPU's
+    assert res["init"] is False  # conversion overwrites every weight: no random init of a 70B model first
+
+
+def test_current_cuda_device_selects_and_restores_the_gpu(monkeypatch):
+    """A "cuda:N" conversion or LogitsModel allocates on GPU N: megatron-core (and its rotary
+    inv_freq) use torch.cuda.current_device(), so it is set for the block and restored."""
+    from megatron_ext.distributed import current_cuda_device
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d if isinstance(d, int) else torch.device(d).index))
+    with current_cuda_device("cuda:1"):
+        assert calls == [1]
+    assert calls == [1, 0]
+    for plain in ("cuda", "cpu", torch.device("cpu")):
+        with current_cuda_device(plain):
+            pass
+    assert calls == [1, 0]
 
 
 def test_final_norm_follows_the_te_choice_not_what_is_installed(monkeypatch):

@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
                                            "tokenizer files, chat template, generation_config.json)")
     exp.add_argument("--checkpoint", required=True, help="save_dir (newest complete step) or step-N folder")
     exp.add_argument("--out", required=True, help="HF folder to write")
-    exp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the written tensors")
+    exp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="dtype of the written tensors")
+    exp.add_argument("--max-shard-size-gib", type=float, default=5.0,
+                     help="largest safetensors file; more weights go to model-0000i-of-0000n shards and an index json")
     for cmd in (imp, exp):
         cmd.add_argument("--device", default="cpu",
                          help="where the model is built: cpu (default; no GPU memory needed) or cuda[:N]")
@@ -44,7 +46,8 @@ def main(argv=None) -> int:
             step = import_hf(args.hf_dir, args.out, args.dtype, device=args.device)
             print(f"imported {args.hf_dir} -> {step} (config: {args.out}/config.yaml)")
         else:
-            arch = export_hf(args.checkpoint, args.out, args.dtype, device=args.device)
+            arch = export_hf(args.checkpoint, args.out, args.dtype, device=args.device,
+                             max_shard_bytes=int(args.max_shard_size_gib * 2**30))
             print(f"exported {args.checkpoint} -> {args.out} ({arch}: {', '.join(sorted(os.listdir(args.out)))})")
     except (ConversionError, FileNotFoundError, ValueError) as e:  # bad input; a bug raises something else
         print(f"error: {e}", file=sys.stderr)

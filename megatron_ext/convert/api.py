@@ -11,12 +11,15 @@ from data_tools.common import atomic_write, progress
 from ..train.config import CheckpointConfig, to_dict
 from .hf_config import ConversionError, architecture, hf_config_from_train, train_config_from_hf
 from .hf_files import token_ids, tokenizer_source, write_tokenizer_files
-from .io import open_tensors, read_hf_config, write_hf_folder
+from .io import SHARD_BYTES, open_tensors, read_hf_config, write_hf_folder
 from .runtime import (build_fp32_model, existing_checkpoints, load_model_weights, read_checkpoint,
                       save_model_checkpoint, single_process)
 from .weights import check_tensors, expected_hf_shapes, hf_to_mcore, mcore_to_hf
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""Training precisions import-hf writes into config.yaml."""
+EXPORT_DTYPES = {**DTYPES, "fp16": torch.float16}
+"""Tensor dtypes export-hf writes (fp16 keeps an fp16 source's bits that bf16 would cut)."""
 
 
 def import_hf(hf_dir: str, out: str, dtype: str = "", device: str = "cpu") -> str:
@@ -55,24 +58,29 @@ def import_hf(hf_dir: str, out: str, dtype: str = "", device: str = "cpu") -> st
     return step
 
 
-def export_hf(checkpoint: str, out: str, dtype: str = "fp32", device: str = "cpu") -> str:
-    """Write ``out/config.json`` (with bos/eos/pad ids) and ``out/model.safetensors`` (``dtype``
-    fp32|bf16) for the checkpoint at ``checkpoint``, plus every tokenizer file, the chat template
-    and generation_config.json of the tokenizer the config names (:mod:`.hf_files`). Returns
-    the architecture written. ``device``: where the model is built (default the CPU)."""
-    if dtype not in DTYPES:
-        raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+def export_hf(checkpoint: str, out: str, dtype: str = "fp32", device: str = "cpu",
+              max_shard_bytes: int = SHARD_BYTES) -> str:
+    """Write ``out/config.json`` (with bos/eos/pad ids) and the weights (``dtype`` fp32|bf16|fp16:
+    ``model.safetensors``, or shards of at most ``max_shard_bytes`` with
+    ``model.safetensors.index.json``) for the checkpoint at ``checkpoint``, plus every tokenizer
+    file, the chat template and generation_config.json of the tokenizer the config names
+    (:mod:`.hf_files`). Returns the architecture written. ``device``: where the model is built
+    (default the CPU); memory there is the fp32 model, and on the host one shard more."""
+    if dtype not in EXPORT_DTYPES:
+        raise ConversionError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     cfg, vocab, step = read_checkpoint(checkpoint)
     source = tokenizer_source(cfg.data.tokenizer_model)
     ids = token_ids(cfg.data.tokenizer_model, source) if source else {}
-    hf = {**hf_config_from_train(cfg, vocab, {"fp32": "float32", "bf16": "bfloat16"}[dtype]), **ids}
+    hf = {**hf_config_from_train(cfg, vocab, str(EXPORT_DTYPES[dtype]).removeprefix("torch.")), **ids}
     with single_process(device), progress(total=3, unit="step", desc="export-hf") as bar:  # load, map, write
         model = build_fp32_model(cfg, vocab, device=device)
         load_model_weights(step, model)
         bar.update(1)
-        tensors = mcore_to_hf(dict(model.named_parameters()), dataclasses.replace(cfg.model, vocab_size=vocab))
+        m = dataclasses.replace(cfg.model, vocab_size=vocab)
+        shapes, make = expected_hf_shapes(m), mcore_to_hf(dict(model.named_parameters()), m)
         bar.update(1)
-        write_hf_folder(out, hf, {k: v.to(DTYPES[dtype]) for k, v in tensors.items()})
+        with torch.no_grad():
+            write_hf_folder(out, hf, {k: (shapes[k], f) for k, f in make.items()}, EXPORT_DTYPES[dtype], max_shard_bytes)
         bar.update(1)
     if source:
         write_tokenizer_files(source, out, ids)

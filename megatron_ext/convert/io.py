@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from typing import Callable, Dict, List, Tuple
 
@@ -78,12 +79,60 @@ def open_tensors(hf_dir: str) -> Dict[str, Tuple[Tuple[int, ...], Callable[[], t
     return out
 
 
-def write_hf_folder(out_dir: str, config: Dict, tensors: Dict[str, torch.Tensor]) -> None:
-    """``out_dir/config.json`` and ``out_dir/model.safetensors``, each written to a temp file then renamed."""
+SHARD_BYTES = 5 * 2**30
+"""Largest weight file :func:`write_hf_folder` writes (transformers' shard naming and index;
+a single tensor larger than this gets a file of its own)."""
+INDEX = "model.safetensors.index.json"
+
+
+def shard_files(sizes: Dict[str, int], max_bytes: int) -> Dict[str, List[str]]:
+    """File name -> tensor names, in order, each file at most ``max_bytes`` (unless one tensor
+    is larger): ``model.safetensors`` when all fit, else ``model-0000i-of-0000n.safetensors``."""
+    groups: List[List[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if groups[-1] and used + size > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    n = len(groups)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def write_hf_folder(out_dir: str, config: Dict, tensors: Dict[str, Tuple[Tuple[int, ...], Callable[[], torch.Tensor]]],
+                    dtype: torch.dtype, max_shard_bytes: int = SHARD_BYTES) -> List[str]:
+    """``out_dir/config.json`` and the weights (name -> (shape, make())) as ``dtype`` in
+    safetensors files of at most ``max_shard_bytes`` (:func:`shard_files`; with an index json
+    when there are several). One file's tensors are on the host at a time; each file is
+    written under a temp name, fsynced and renamed. Weight files of an earlier export that
+    this one does not rewrite are removed. Returns the weight files written."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    target = os.path.join(out_dir, "model.safetensors")
-    save_file(tensors, target + ".tmp", metadata={"format": "pt"})
-    os.replace(target + ".tmp", target)
+    elem = torch.empty((), dtype=dtype).element_size()
+    sizes = {name: math.prod(shape) * elem for name, (shape, _) in tensors.items()}
+    files = shard_files(sizes, max_shard_bytes)
+    for fname, names in files.items():
+        shard = {n: tensors[n][1]().detach().to("cpu", dtype, copy=True).contiguous() for n in names}
+        wrong = [f"{n}: {tuple(t.shape)} vs {tensors[n][0]}" for n, t in shard.items() if tuple(t.shape) != tuple(tensors[n][0])]
+        if wrong:  # the mapping and the shapes disagree: a bug, not bad input
+            raise RuntimeError(f"export made tensors of unexpected shapes: {wrong}")
+        target, tmp = os.path.join(out_dir, fname), os.path.join(out_dir, f"{fname}.tmp.{os.getpid()}")
+        save_file(shard, tmp, metadata={"format": "pt"})
+        del shard
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": {n: fname for fname, names in files.items() for n in names}}
+        atomic_write(os.path.join(out_dir, INDEX), (json.dumps(index, indent=2) + "\n").encode())
+    keep = set(files) | ({INDEX} if len(files) > 1 else set())
+    for path in glob.glob(os.path.join(out_dir, "model*.safetensors")) + [os.path.join(out_dir, INDEX)]:
+        if os.path.basename(path) not in keep and os.path.exists(path):
+            os.remove(path)  # an earlier export's weights: a reader would load them beside ours
     atomic_write(os.path.join(out_dir, "config.json"), (json.dumps(config, indent=2) + "\n").encode())
+    return list(files)

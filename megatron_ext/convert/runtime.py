@@ -29,7 +29,9 @@ def single_process(device="cpu"):
 @contextlib.contextmanager
 def process_group(device="cpu"):
     """:func:`single_process` without the RNG fork: for a model that outlives one call
-    (:class:`~megatron_ext.convert.logits.LogitsModel` holds it open)."""
+    (:class:`~megatron_ext.convert.logits.LogitsModel` holds it open). A "cuda:N" ``device``
+    is CUDA's current device meanwhile (megatron-core allocates there)."""
+    from ..distributed import current_cuda_device
     from ..train.model import init_model_parallel
 
     created_group = not dist.is_initialized()
@@ -41,9 +43,10 @@ def process_group(device="cpu"):
 
     created_state = not parallel_state.model_parallel_is_initialized()
     try:
-        if created_state:
-            init_model_parallel(TrainConfig(), device)
-        yield
+        with current_cuda_device(device):
+            if created_state:
+                init_model_parallel(TrainConfig(), device)
+            yield
     finally:
         if created_state:
             parallel_state.destroy_model_parallel()
@@ -53,12 +56,14 @@ def process_group(device="cpu"):
 
 def build_fp32_model(cfg: TrainConfig, vocab_size: int, seq_length: int = 0, device="cpu"):
     """Our GPTModel for ``cfg.model`` at TP = CP = 1, fp32, eval mode, on ``device`` (default the
-    CPU: a 13B model is ~55 GB in fp32; pass "cuda" to choose a GPU), inside :func:`single_process`."""
+    CPU: a 13B model is ~52 GB in fp32; "cuda[:N]" builds on that GPU), inside :func:`single_process`.
+    Its weights are allocated, not drawn (every caller loads or copies all of them: a random
+    init of a 70B model costs minutes)."""
     from ..train.model import build_model
 
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig(), precision="fp32",
                               data=dataclasses.replace(cfg.data, seq_length=max(seq_length, cfg.data.seq_length)))
-    model, _ = build_model(cfg, vocab_size, device=device)
+    model, _ = build_model(cfg, vocab_size, device=device, init_weights=False)
     if getattr(model.config, "rotary_interleaved", False):
         raise ValueError("the model rotates interleaved pairs; HF Llama checkpoints rotate halves (rotate_half)")
     return model.eval()

@@ -16,7 +16,7 @@ Layouts (h = hidden, d = head dim, nq query heads, ng query groups = KV heads):
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Iterator, List, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Tuple
 
 import torch
 
@@ -74,12 +74,12 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ng: int) -> torc
     return torch.cat(groups, dim=1).reshape(-1, *q.shape[1:])
 
 
-def split_qkv(qkv: torch.Tensor, m: ModelConfig) -> List[torch.Tensor]:
-    """Inverse of :func:`fuse_qkv`: [(nq/ng + 2) * ng * d, ...] -> [q, k, v] (contiguous)."""
+def qkv_part(qkv: torch.Tensor, m: ModelConfig, which: int) -> torch.Tensor:
+    """Inverse of :func:`fuse_qkv`, one part at a time: q (0) [nq*d, ...], k (1) or v (2)
+    [ng*d, ...] from the fused [(nq/ng + 2) * ng * d, ...] rows; copies only that part."""
     d, nq, ng = _dims(m)
     grouped = qkv.reshape(ng, (nq // ng + 2) * d, *qkv.shape[1:])
-    parts = grouped.split([nq // ng * d, d, d], dim=1)
-    return [p.reshape(-1, *qkv.shape[1:]).contiguous() for p in parts]
+    return grouped.split([nq // ng * d, d, d], dim=1)[which].reshape(-1, *qkv.shape[1:])
 
 
 def _norm_keys(target_keys, layer: str) -> Tuple[str, str]:
@@ -114,25 +114,30 @@ def hf_to_mcore(load: Callable[[str], torch.Tensor], m: ModelConfig,
         yield "output_layer.weight", load("lm_head.weight")
 
 
-def mcore_to_hf(params: Dict[str, torch.Tensor], m: ModelConfig) -> Dict[str, torch.Tensor]:
-    """HF tensors (contiguous, own storage) from mcore parameters; the inverse of :func:`hf_to_mcore`."""
-    out = {"model.embed_tokens.weight": params["embedding.word_embeddings.weight"],
-           "model.norm.weight": params["decoder.final_layernorm.weight"]}
+def mcore_to_hf(params: Dict[str, torch.Tensor], m: ModelConfig) -> Dict[str, Callable[[], torch.Tensor]]:
+    """HF name -> a function that makes that tensor from the mcore parameters; the inverse of
+    :func:`hf_to_mcore`. Nothing is copied until a function is called, so a writer holds one
+    shard at a time; the shapes are :func:`expected_hf_shapes`."""
+    def take(key: str, chunk: int = -1, qkv: int = -1) -> Callable[[], torch.Tensor]:
+        def make() -> torch.Tensor:
+            t = params[key].detach()
+            return t.chunk(2)[chunk] if chunk >= 0 else qkv_part(t, m, qkv) if qkv >= 0 else t
+        return make
+
+    out = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight"),
+           "model.norm.weight": take("decoder.final_layernorm.weight")}
     if m.untie_embeddings:
-        out["lm_head.weight"] = params["output_layer.weight"]
+        out["lm_head.weight"] = take("output_layer.weight")
     for i in range(m.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
         norm1, norm2 = _norm_keys(params, mc)
-        out[hf + "input_layernorm.weight"] = params[norm1]
-        out[hf + "post_attention_layernorm.weight"] = params[norm2]
+        out[hf + "input_layernorm.weight"], out[hf + "post_attention_layernorm.weight"] = take(norm1), take(norm2)
         attn = hf + "self_attn."
-        for x, t in zip("qkv", split_qkv(params[mc + "self_attention.linear_qkv.weight"], m)):
-            out[f"{attn}{x}_proj.weight"] = t
-        if m.add_qkv_bias:
-            for x, t in zip("qkv", split_qkv(params[mc + "self_attention.linear_qkv.bias"], m)):
-                out[f"{attn}{x}_proj.bias"] = t
-        out[attn + "o_proj.weight"] = params[mc + "self_attention.linear_proj.weight"]
-        gate, up = params[mc + "mlp.linear_fc1.weight"].chunk(2)
-        out[hf + "mlp.gate_proj.weight"], out[hf + "mlp.up_proj.weight"] = gate, up
-        out[hf + "mlp.down_proj.weight"] = params[mc + "mlp.linear_fc2.weight"]
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+        for kind in ("weight", "bias") if m.add_qkv_bias else ("weight",):
+            for j, x in enumerate("qkv"):
+                out[f"{attn}{x}_proj.{kind}"] = take(f"{mc}self_attention.linear_qkv.{kind}", qkv=j)
+        out[attn + "o_proj.weight"] = take(mc + "self_attention.linear_proj.weight")
+        out[hf + "mlp.gate_proj.weight"] = take(mc + "mlp.linear_fc1.weight", chunk=0)
+        out[hf + "mlp.up_proj.weight"] = take(mc + "mlp.linear_fc1.weight", chunk=1)
+        out[hf + "mlp.down_proj.weight"] = take(mc + "mlp.linear_fc2.weight")
+    return out

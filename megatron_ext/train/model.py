@@ -25,10 +25,11 @@ def default_device() -> torch.device:
     return compute_device()
 
 
-def transformer_config(cfg: TrainConfig, device=None):
+def transformer_config(cfg: TrainConfig, device=None, init_weights: bool = True):
     """megatron-core's TransformerConfig for ``cfg`` (the one mapping of our keys onto it).
     ``device``: where the parameters are created (default :func:`default_device`); off CUDA,
-    megatron-core's CPU initialisation."""
+    megatron-core's CPU initialisation. ``init_weights=False``: megatron-core allocates the
+    weights without drawing them (``perform_initialization``), for callers that load every weight."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from ..rope import attention_scale_factor
@@ -56,6 +57,7 @@ def transformer_config(cfg: TrainConfig, device=None):
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=torch.device(device or default_device()).type != "cuda",
+        perform_initialization=init_weights,
         # per-token loss: the schedule sums token losses and finalize_model_grads divides the
         # grads by the global token count, so DDP sums (not averages) over DP x CP
         calculate_per_token_loss=True,
@@ -71,15 +73,16 @@ def transformer_config(cfg: TrainConfig, device=None):
     )
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, device=None):
+def build_model(cfg: TrainConfig, vocab_size: int, device=None, init_weights: bool = True):
     """The bare megatron-core GPTModel for ``cfg`` (CP attention, extended RoPE), on
     ``device`` (default :func:`default_device`: conversion passes "cpu" explicitly), parameters in fp32. Needs parallel_state initialised with
     cfg.parallel's sizes, without virtual stages (see :func:`build_model_chunks`).
+    ``init_weights=False`` skips megatron-core's random init (see :func:`transformer_config`).
     Returns (model, bf16)."""
     if virtual_pipeline_size(cfg):
         raise ValueError(f"build_model builds one model; parallel.virtual_pipeline_model_parallel_size "
                          f"{cfg.parallel.virtual_pipeline_model_parallel_size} needs build_model_chunks")
-    chunks, bf16 = build_model_chunks(cfg, vocab_size, device)
+    chunks, bf16 = build_model_chunks(cfg, vocab_size, device, init_weights)
     return chunks[0], bf16
 
 
@@ -92,10 +95,10 @@ def init_seed(cfg: TrainConfig) -> int:
     return cfg.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
 
 
-def build_model_chunks(cfg: TrainConfig, vocab_size: int, device=None):
+def build_model_chunks(cfg: TrainConfig, vocab_size: int, device=None, init_weights: bool = True):
     """This rank's model chunks: one GPTModel per virtual pipeline stage (one without
     interleaving), each holding its stage's layers at their global offsets. Seeds once,
-    so the chunks draw different initial weights. ``device``: as in :func:`build_model`.
+    so the chunks draw different initial weights. ``device``, ``init_weights``: as in :func:`build_model`.
     Returns (chunks, bf16)."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -103,7 +106,7 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int, device=None):
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     device = torch.device(device or default_device())
-    config = transformer_config(cfg, device)
+    config = transformer_config(cfg, device, init_weights)
     vp = virtual_pipeline_size(cfg)
     chunks = [_build_chunk(cfg, config, vocab_size, i if vp else None).to(device) for i in range(vp or 1)]
     return chunks, use_bf16(cfg)
