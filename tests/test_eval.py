@@ -103,6 +103,29 @@ def test_teacher_forced_score_equals_greedy_decoding(ckpt, data, forced):
     assert verdicts.count(True) >= 4 and verdicts.count(False) >= 16  # both verdicts occur
 
 
+def _bf16_load(rank, world, ckpt_dir):
+    import dataclasses
+
+    from megatron_ext.eval.model import load_model, read_checkpoint
+
+    info = read_checkpoint(ckpt_dir)
+    fp32, bf16 = load_model(info, cp_size=1)
+    ref = {k: v.clone() for k, v in fp32.state_dict().items() if torch.is_tensor(v)}
+    model, on = load_model(dataclasses.replace(info, config=dataclasses.replace(info.config, precision="bf16")), 1)
+    got = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    return {"flags": (bf16, on, model.config.perform_initialization),
+            "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+            "equal": all(torch.equal(got[k], ref[k].to(got[k].dtype)) for k in ref), "keys": sorted(got) == sorted(ref)}
+
+
+def test_bf16_eval_model_is_bf16_throughout_and_loads_every_weight(ckpt):
+    """As training's Float16Module: norms in bf16 too; the weights are all the checkpoint's
+    (the builder skips megatron-core's random init, so a weight the load missed would show)."""
+    res = spawn_ranks(_bf16_load, 1, (ckpt,), timeout_s=60)[0]
+    assert res["flags"] == (False, True, False)
+    assert res["dtypes"] == ["torch.bfloat16"] and res["keys"] and res["equal"]
+
+
 # -- the CLI: CP invariance, resume, figures -------------------------------------------------
 
 def test_scores_identical_at_cp_1_2_4(ckpt, data, corpus, tmp_path):

@@ -106,6 +106,8 @@ def load_model(info: CheckpointInfo, cp_size: int, cp_comm_type: str = "p2p", ro
         cfg, model=model_cfg, data=dataclasses.replace(cfg.data, seq_length=max(max_length, cfg.data.seq_length)),
         parallel=ParallelConfig(context_parallel_size=cp_size, cp_comm_type=cp_comm_type))
     init_model_parallel(cfg)
-    model, bf16 = build_model(cfg, info.vocab_size)
+    model, bf16 = build_model(cfg, info.vocab_size, init_weights=False)  # the load sets every weight
     ckpt.load(info.path, model)
+    if bf16:  # as training's Float16Module: norms too (bf16 linears, fp32 norms miss the fused kernels)
+        model.bfloat16()
     return model.eval(), bf16
