@@ -104,6 +104,44 @@ def test_export_shards_bounded_files_with_an_index_and_clears_stale_ones(tmp_pat
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
+def test_import_pads_the_vocabulary_for_tp_and_export_drops_the_padding(tmp_path):
+    """501 tokens (odd): rows padded to 512 with the final row repeated (Megatron-LM's converters),
+    so TP splits them; logits and export are the 501 real tokens, bit for bit."""
+    from megatron_ext.train.config import load_config, validate
+
+    model = _hf_model("llama", seed=4, vocab_size=501)
+    src = _save(model, tmp_path / "hf")
+    import_hf(src, str(tmp_path / "ours"), make_vocab_size_divisible_by=128)
+    cfg = load_config(str(tmp_path / "ours" / "config.yaml"), ["parallel.tensor_model_parallel_size=2",
+                                                               "parallel.context_parallel_size=1"])
+    assert (cfg.model.vocab_size, cfg.model.true_vocab_size) == (512, 501)
+    validate(cfg, 2)  # 501 rows would not split over TP = 2
+    import dataclasses
+
+    with pytest.raises(ValueError, match="model.true_vocab_size 513 exceeds model.vocab_size 512"):
+        validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, true_vocab_size=513)), 2)
+    from megatron_ext.convert import LogitsModel
+
+    with LogitsModel.load(str(tmp_path / "ours")) as held:
+        emb = held.model.embedding.word_embeddings.weight
+        assert emb.shape[0] == 512 and torch.equal(emb[501:], emb[500:501].expand(11, -1))
+    ids = torch.randint(0, 501, (2, 9))
+    ours = forward_logits(str(tmp_path / "ours"), ids)
+    assert ours.shape == (2, 9, 501) and (ours - _hf_logits(model, ids)).abs().max().item() <= 1e-4
+    export_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
+    exported = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
+    assert json.load(open(tmp_path / "back" / "config.json"))["vocab_size"] == 501
+
+    import_hf(src, str(tmp_path / "unpadded"))  # the default: no padding
+    unpadded = load_config(str(tmp_path / "unpadded" / "config.yaml"), ["parallel.tensor_model_parallel_size=2",
+                                                                          "parallel.context_parallel_size=1"])
+    assert unpadded.model.vocab_size == 501
+    with pytest.raises(ValueError, match="501 vocabulary rows, which do not divide by tensor_model_parallel_size 2.*"
+                                         "--make-vocab-size-divisible-by 128"):
+        validate(unpadded, 2)
+
+
 ROPE_KINDS = {
     "linear": {"rope_type": "linear", "factor": 4.0},
     "dynamic": {"rope_type": "dynamic", "factor": 4.0},

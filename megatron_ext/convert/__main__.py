@@ -22,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="save_dir to create (step-0 and config.yaml go here)")
     imp.add_argument("--dtype", choices=("fp32", "bf16"), default="",
                      help="training precision written to config.yaml (default auto); weights are stored in fp32")
+    imp.add_argument("--make-vocab-size-divisible-by", type=int, default=1,
+                     help="pad the vocabulary rows to a multiple of this (128: any TP up to 128 splits them), "
+                          "repeating the final row as Megatron-LM does; export-hf drops the padding "
+                          "(model.true_vocab_size). Default 1: no padding, the model stays exact")
     exp = sub.add_parser("export-hf", help="SAVE_DIR (or step folder) -> HF folder (config.json, model.safetensors, "
                                            "tokenizer files, chat template, generation_config.json)")
     exp.add_argument("--checkpoint", required=True, help="save_dir (newest complete step) or step-N folder")
@@ -43,7 +47,8 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "import-hf":
-            step = import_hf(args.hf_dir, args.out, args.dtype, device=args.device)
+            step = import_hf(args.hf_dir, args.out, args.dtype, device=args.device,
+                             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
             print(f"imported {args.hf_dir} -> {step} (config: {args.out}/config.yaml)")
         else:
             arch = export_hf(args.checkpoint, args.out, args.dtype, device=args.device,

@@ -14,7 +14,7 @@ from .hf_files import token_ids, tokenizer_source, write_tokenizer_files
 from .io import SHARD_BYTES, open_tensors, read_hf_config, write_hf_folder
 from .runtime import (build_fp32_model, existing_checkpoints, load_model_weights, read_checkpoint,
                       save_model_checkpoint, single_process)
-from .weights import check_tensors, expected_hf_shapes, hf_to_mcore, mcore_to_hf
+from .weights import check_tensors, expected_hf_shapes, hf_to_mcore, mcore_to_hf, padded_vocab_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """Training precisions import-hf writes into config.yaml."""
@@ -22,17 +22,28 @@ EXPORT_DTYPES = {**DTYPES, "fp16": torch.float16}
 """Tensor dtypes export-hf writes (fp16 keeps an fp16 source's bits that bf16 would cut)."""
 
 
-def import_hf(hf_dir: str, out: str, dtype: str = "", device: str = "cpu") -> str:
+def import_hf(hf_dir: str, out: str, dtype: str = "", device: str = "cpu",
+              make_vocab_size_divisible_by: int = 1) -> str:
     """Convert the HF folder ``hf_dir`` into ``out/step-0`` plus ``out/config.yaml``; returns
     the step folder. ``dtype`` (fp32|bf16) is the training precision written to the
     config (default auto); weights are stored in fp32, an exact upcast. ``device``: where the
-    model is built (default the CPU)."""
+    model is built (default the CPU). ``make_vocab_size_divisible_by`` > 1 pads the vocabulary
+    rows to a multiple of it (128 lets any TP up to 128 split them), the final row repeated as
+    Megatron-LM's converters do; ``model.true_vocab_size`` keeps the original size for export.
+    The default 1 keeps the model exact: padding rows take part in the training softmax (each
+    has the final token's logit), so the first loss moves a little off the HF model's."""
     if dtype and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     hf = read_hf_config(hf_dir)
     cfg = train_config_from_hf(hf, os.path.join(hf_dir, "config.json"))
     tensors = open_tensors(hf_dir)
     check_tensors({name: shape for name, (shape, _) in tensors.items()}, expected_hf_shapes(cfg.model), hf_dir)
+    if make_vocab_size_divisible_by < 1:
+        raise ConversionError(f"--make-vocab-size-divisible-by must be >= 1, got {make_vocab_size_divisible_by}")
+    true_vocab = cfg.model.vocab_size
+    rows = padded_vocab_size(true_vocab, make_vocab_size_divisible_by)
+    if rows != true_vocab:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=rows, true_vocab_size=true_vocab))
     out = os.path.abspath(out)
     if existing_checkpoints(out):
         raise ConversionError(f"{out} already holds checkpoints {existing_checkpoints(out)}; "
@@ -68,12 +79,13 @@ def export_hf(checkpoint: str, out: str, dtype: str = "fp32", device: str = "cpu
     (default the CPU); memory there is the fp32 model, and on the host one shard more."""
     if dtype not in EXPORT_DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
-    cfg, vocab, step = read_checkpoint(checkpoint)
+    cfg, rows, step = read_checkpoint(checkpoint)
+    vocab = cfg.model.true_vocab_size or rows  # import's padding rows stay behind
     source = tokenizer_source(cfg.data.tokenizer_model)
     ids = token_ids(cfg.data.tokenizer_model, source) if source else {}
     hf = {**hf_config_from_train(cfg, vocab, str(EXPORT_DTYPES[dtype]).removeprefix("torch.")), **ids}
     with single_process(device), progress(total=3, unit="step", desc="export-hf") as bar:  # load, map, write
-        model = build_fp32_model(cfg, vocab, device=device)
+        model = build_fp32_model(cfg, rows, device=device)
         load_model_weights(step, model)
         bar.update(1)
         m = dataclasses.replace(cfg.model, vocab_size=vocab)

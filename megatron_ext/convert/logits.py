@@ -18,8 +18,9 @@ class LogitsModel:
     ``with`` block; ``.logits(ids)`` may be called any number of times in between.
     """
 
-    def __init__(self, model, path: str, stack: contextlib.ExitStack, device: torch.device):
+    def __init__(self, model, path: str, stack: contextlib.ExitStack, device: torch.device, vocab: int = 0):
         self.model, self.path, self.device = model, path, device  # GPTModel, its step folder, its device
+        self.vocab = vocab or model.vocab_size  # real tokens: import-hf's padding rows are left out
         self._stack = stack  # what close() releases
 
     @classmethod
@@ -38,11 +39,12 @@ class LogitsModel:
         except BaseException:
             stack.close()
             raise
-        return cls(model, step, stack, device)
+        return cls(model, step, stack, device, cfg.model.true_vocab_size)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids LongTensor [b, s] -> FloatTensor [b, s, vocab] (fp32, on ``self.device``).
+        """input_ids LongTensor [b, s] -> FloatTensor [b, s, vocab] (fp32, on ``self.device``; vocab
+        counts real tokens, without import-hf's padding rows).
 
         The CP attention at P = 1 still cuts the sequence into 2 zigzag chunks, so an odd s
         is padded by one token at the end and that position dropped: causal attention keeps
@@ -60,7 +62,7 @@ class LogitsModel:
             rope.scaling_length = s
             type(rope).forward.cache_clear()
         logits = self.model(tokens, positions, None)  # [b, s + pad, vocab]
-        return logits[:, :s].float().contiguous()
+        return logits[:, :s, :self.vocab].float().contiguous()
 
     def close(self) -> None:
         """Release the model and the process group / parallel_state it made."""

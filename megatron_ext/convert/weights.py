@@ -89,13 +89,25 @@ def _norm_keys(target_keys, layer: str) -> Tuple[str, str]:
     return f"{layer}input_layernorm.weight", f"{layer}pre_mlp_layernorm.weight"
 
 
+def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``divisible_by`` (Megatron-LM's
+    ``--make-vocab-size-divisible-by``; its trainers also multiply by TP, which 128 covers up to 128)."""
+    return -(-vocab_size // divisible_by) * divisible_by
+
+
+def pad_vocab_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """[v, h] -> [rows, h], the final row repeated as Megatron-LM's checkpoint converters pad:
+    a padding row's logit equals the last real token's, and argmax keeps the first (real) one."""
+    return t if t.shape[0] == rows else torch.cat([t, t[-1:].expand(rows - t.shape[0], -1)])
+
+
 def hf_to_mcore(load: Callable[[str], torch.Tensor], m: ModelConfig,
                 target_keys: Iterable[str]) -> Iterator[Tuple[str, torch.Tensor]]:
     """(mcore parameter name, tensor) pairs, one at a time so a large model streams;
     ``load(name)`` returns one HF tensor."""
     target_keys = set(target_keys)
     ng = m.num_query_groups
-    yield "embedding.word_embeddings.weight", load("model.embed_tokens.weight")
+    yield "embedding.word_embeddings.weight", pad_vocab_rows(load("model.embed_tokens.weight"), m.vocab_size)
     for i in range(m.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
         norm1, norm2 = _norm_keys(target_keys, mc)
@@ -111,23 +123,25 @@ def hf_to_mcore(load: Callable[[str], torch.Tensor], m: ModelConfig,
         yield mc + "mlp.linear_fc2.weight", load(hf + "mlp.down_proj.weight")
     yield "decoder.final_layernorm.weight", load("model.norm.weight")
     if m.untie_embeddings:
-        yield "output_layer.weight", load("lm_head.weight")
+        yield "output_layer.weight", pad_vocab_rows(load("lm_head.weight"), m.vocab_size)
 
 
 def mcore_to_hf(params: Dict[str, torch.Tensor], m: ModelConfig) -> Dict[str, Callable[[], torch.Tensor]]:
     """HF name -> a function that makes that tensor from the mcore parameters; the inverse of
     :func:`hf_to_mcore`. Nothing is copied until a function is called, so a writer holds one
-    shard at a time; the shapes are :func:`expected_hf_shapes`."""
-    def take(key: str, chunk: int = -1, qkv: int = -1) -> Callable[[], torch.Tensor]:
+    shard at a time; the shapes are :func:`expected_hf_shapes` (the embedding's first
+    ``m.vocab_size`` rows: padding rows stay behind)."""
+    def take(key: str, chunk: int = -1, qkv: int = -1, rows: int = 0) -> Callable[[], torch.Tensor]:
         def make() -> torch.Tensor:
             t = params[key].detach()
+            t = t[:rows] if rows else t
             return t.chunk(2)[chunk] if chunk >= 0 else qkv_part(t, m, qkv) if qkv >= 0 else t
         return make
 
-    out = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight"),
+    out = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight", rows=m.vocab_size),
            "model.norm.weight": take("decoder.final_layernorm.weight")}
     if m.untie_embeddings:
-        out["lm_head.weight"] = take("output_layer.weight")
+        out["lm_head.weight"] = take("output_layer.weight", rows=m.vocab_size)
     for i in range(m.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
         norm1, norm2 = _norm_keys(params, mc)

@@ -54,6 +54,10 @@ class ModelConfig:
     """KV heads (GQA)."""
     vocab_size: int = 0
     """Padded vocabulary; 0 takes the tokenizer's size."""
+    true_vocab_size: int = 0
+    """Rows of ``vocab_size`` that are real tokens (Megatron-LM's ``--true-vocab-size``): import-hf pads
+    a Hugging Face vocabulary to a multiple of ``--make-vocab-size-divisible-by`` and records the original
+    size here; export-hf drops the rows above it. 0: every row is real."""
     rope: RopeConfig = field(default_factory=RopeConfig)
     """Rotary embedding and its context extension."""
     init_method_std: float = 0.02
@@ -350,6 +354,9 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
                          f"TP = {tp}: they must divide by it (tensor_parallel/mappings.py scatters evenly)")
     if cfg.model.vocab_size:
         check_vocab_size(cfg.model.vocab_size, cfg)
+    if cfg.model.true_vocab_size > (cfg.model.vocab_size or cfg.model.true_vocab_size):
+        raise ValueError(f"model.true_vocab_size {cfg.model.true_vocab_size} exceeds model.vocab_size "
+                         f"{cfg.model.vocab_size}: the real tokens are the first rows of the padded vocabulary")
     per_step = cfg.optim.micro_batch_size * dp
     if cfg.optim.global_batch_size % per_step:
         raise ValueError(f"global_batch_size {cfg.optim.global_batch_size} must be a multiple of "

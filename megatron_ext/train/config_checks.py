@@ -33,7 +33,8 @@ def check_vocab_size(vocab_size: int, cfg, source: str = "model.vocab_size") -> 
         padded = -(-vocab_size // (128 * tp)) * 128 * tp
         raise ValueError(f"{source} gives {vocab_size} vocabulary rows, which do not divide by "
                          f"tensor_model_parallel_size {tp}: set model.vocab_size to a multiple of {tp} at least "
-                         f"{vocab_size} (Megatron-LM pads to a multiple of 128 x TP: {padded})")
+                         f"{vocab_size} (Megatron-LM pads to a multiple of 128 x TP: {padded}); for a model from "
+                         f"import-hf, import it again with --make-vocab-size-divisible-by 128")
 
 
 def _check_recompute(cfg) -> None:
