@@ -7,12 +7,13 @@ Each call runs in a fresh process. The process writes ``5`` to ``/proc/self/clea
 just before the call, which resets VmHWM to the current VmRSS, and reads VmHWM when the
 call returns. The figure is the peak minus the RSS just before the call: the host bytes the
 conversion added at its peak. glibc's mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_),
-so large buffers go back to the kernel when they are freed.
+so large buffers go back to the kernel when they are freed. VmHWM also counts file-backed
+pages: the HF shards that safetensors maps during import, about 1x, which the kernel can drop.
 
-Expected: the model, built once in fp32, plus one output shard. That is about 1.0x the fp32
-model for import and for a sharded export, and about 1.5x for a bf16 export in one file,
-whose one shard is the whole bf16 model. Before the streaming writer, export held the model,
-a clone of every tensor and a bf16 copy, about 2.5x. To measure an older checkout, run this
+Expected: the model, built once in fp32, plus megatron-core's checkpoint load (about 0.6x)
+plus one output shard for export; for import, the model, the mapped HF shards (about 1x) and
+the checkpoint save. Before the streaming writer, export held the model, a clone of every
+tensor and a bf16 copy at once. To measure an older checkout, run this
 file with that checkout first on PYTHONPATH.
 """
 from __future__ import annotations
