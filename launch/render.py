@@ -20,8 +20,11 @@ import yaml
 TEMPLATES = {"slurm": "slurm/train.sbatch", "k8s": "templates/k8s.yaml", "hostfile": "templates/hostfile.sh",
              "trainjob": "templates/trainjob.yaml"}  # trainjob: Kubeflow Trainer v2 (launch/trainjob.py)
 HERE = os.path.dirname(os.path.abspath(__file__))
-NCCL_DEFAULTS = ("NCCL_ASYNC_ERROR_HANDLING=1", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "NCCL_IB_TIMEOUT=22",
-                 "CUDA_DEVICE_MAX_CONNECTIONS=1")
+NCCL_DEFAULTS = ("TORCH_NCCL_ASYNC_ERROR_HANDLING=3", "NCCL_IB_TIMEOUT=22", "CUDA_DEVICE_MAX_CONNECTIONS=1")
+"""CUDA jobs' environment, on every launch path. 3 (torch's default since 2.2): on an NCCL error or
+timeout the rank exits without aborting its communicators, an abort that can itself hang (1 did it).
+CUDA_DEVICE_MAX_CONNECTIONS=1: megatron-core orders the sequence-parallel and gradient collectives
+ahead of the GEMMs they overlap (tensor_parallel/layers.py)."""
 
 
 @dataclass
@@ -142,7 +145,8 @@ def render(spec: JobSpec) -> str:
     if spec.template == "trainjob":
         from .trainjob import render_trainjob
 
-        return render_trainjob(spec, nproc, NCCL_DEFAULTS if spec.device == "cuda" else (), grace.seconds)
+        env = (f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={grace.seconds}",) + (NCCL_DEFAULTS if spec.device == "cuda" else ())
+        return render_trainjob(spec, nproc, env, grace.seconds)
     q = shlex.quote
     values = {
         "job_name": _safe_name(spec.job_name), "job_name_q": q(spec.job_name), "nodes": spec.nodes,
@@ -151,12 +155,15 @@ def render(spec: JobSpec) -> str:
         "extra_args": " ".join(q(a) for s in spec.sets for a in ("--set", s)),
         "time_limit": spec.time,  # check_numbers checked its format
         "cpus_per_task": max(1, nproc * (4 if spec.device == "cuda" else 1)),
-        "gpu_directive": f"#SBATCH --gpus-per-node={spec.gpus_per_node}\n" if spec.device == "cuda" else "",
+        # whole GPU nodes: all their memory (checkpoint staging, CUDA contexts), no co-tenants
+        "gpu_directive": f"#SBATCH --gpus-per-node={spec.gpus_per_node}\n#SBATCH --exclusive\n#SBATCH --mem=0\n"
+        if spec.device == "cuda" else "",
         "partition_directive": f"#SBATCH --partition={_checked(spec.partition, r'[A-Za-z0-9_,-]+', 'partition')}\n"
         if spec.partition else "",
         "account_directive": f"#SBATCH --account={_checked(spec.account, r'[A-Za-z0-9_.-]+', 'account')}\n"
         if spec.account else "",
         "nccl_env": "".join(f"export {v}\n" for v in NCCL_DEFAULTS) if spec.device == "cuda" else "",
+        "nccl_prefix": "".join(f"{v} " for v in NCCL_DEFAULTS) if spec.device == "cuda" else "",
         "signal_lead_s": grace.seconds, "grace_why": grace.why,
     }
     with open(os.path.join(HERE, TEMPLATES[spec.template])) as f:
@@ -189,13 +196,16 @@ def _render_k8s(spec: JobSpec, nproc: int, grace_s: int) -> str:
     container["command"] = ["torchrun", "--nproc-per-node", str(nproc), "-m", "megatron_ext.train", "--config",
                             spec.config] + [a for s in spec.sets for a in ("--set", s)]
     container["workingDir"] = spec.repo
-    # SIGTERM, then this long to finish the iteration and save (launch.grace)
+    # SIGTERM, then this long to finish the iteration and save (launch.grace); torchrun, PID 1 here,
+    # passes SIGTERM on and would SIGKILL its trainers after 30 s (torch >= 2.11 reads this variable)
     master["template"]["spec"]["terminationGracePeriodSeconds"] = grace_s
+    env = ([f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={grace_s}"] + list(NCCL_DEFAULTS if spec.device == "cuda" else ()))
+    container["env"] += [{"name": k, "value": v} for k, v in (e.split("=", 1) for e in env)]
     if spec.device == "cuda":
         container["resources"] = {"limits": {"nvidia.com/gpu": spec.gpus_per_node}}
     workers = doc["spec"]["pytorchReplicaSpecs"]["Worker"]
     if spec.nodes > 1:
         workers.update(replicas=spec.nodes - 1, template=copy.deepcopy(master["template"]))
-    else:
-        del doc["spec"]["pytorchReplicaSpecs"]["Worker"]
+    else:  # the operator's elastic rendezvous is <job>-worker-0: one node runs without it
+        del doc["spec"]["pytorchReplicaSpecs"]["Worker"], doc["spec"]["elasticPolicy"]
     return header + yaml.safe_dump(doc, sort_keys=False)

@@ -23,21 +23,25 @@ def render(*args, check=True):
 def test_slurm_script_structure():
     text = render("--template", "slurm", "--config", PAPER, "--nodes", "8", "--gpus-per-node", "8",
                   "--partition", "gpu", "--account", "proj", "--time", "12:00:00").stdout
-    for want in ("#SBATCH --nodes=8", "#SBATCH --gpus-per-node=8", "#SBATCH --signal=B:SIGTERM@",
+    for want in ("#SBATCH --nodes=8", "#SBATCH --gpus-per-node=8", "#SBATCH --signal=B:USR1@",
                  "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --time=12:00:00",
+                 "#SBATCH --exclusive", "#SBATCH --mem=0", 'srun --kill-on-bad-exit=1 --cpus-per-task "$SLURM_CPUS_PER_TASK"',
                  "scontrol show hostnames", "--rdzv-backend c10d", '--nnodes "$SLURM_NNODES"', "NPROC_PER_NODE=8",
-                 "PYTHONFAULTHANDLER=1", "NCCL_ASYNC_ERROR_HANDLING=1", "-m megatron_ext.train", "%x-%j-%N.log",
-                 "trap \"\" TERM", "--signals-to-handle SIGINT,SIGHUP,SIGQUIT"):
+                 "PYTHONFAULTHANDLER=1", "export TORCH_NCCL_ASYNC_ERROR_HANDLING=3", "export CUDA_DEVICE_MAX_CONNECTIONS=1",
+                 "-m megatron_ext.train", "%x-%j-%N.log", "trap \"\" TERM USR1",
+                 "--signals-to-handle SIGINT,SIGHUP,SIGQUIT", 'scontrol requeue "$SLURM_JOB_ID"'):
         assert want in text, want
+    assert "NCCL_ASYNC_ERROR_HANDLING=1" not in text  # aborting communicators on an error can hang the rank
     cpu = render("--template", "slurm", "--config", TINY, "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu").stdout
-    assert "--gpus-per-node" not in cpu and "NCCL_" not in cpu
+    assert "--gpus-per-node" not in cpu and "NCCL_" not in cpu and "--exclusive" not in cpu
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
 
 
 def test_hostfile_script_structure():
     text = render("--template", "hostfile", "--config", PAPER, "--nodes", "8", "--gpus-per-node", "8").stdout
-    for want in ("HOSTFILE=", "ssh", "pdsh", "--nnodes $NODES", "--rdzv-backend c10d", "NODES=8"):
-        assert want in text, want
+    for want in ("HOSTFILE=", "ssh", "pdsh", "--nnodes $NODES", "--rdzv-backend c10d", "NODES=8",
+                 "PYTHONFAULTHANDLER=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=3 NCCL_IB_TIMEOUT=22 CUDA_DEVICE_MAX_CONNECTIONS=1 "):
+        assert want in text, want  # ssh carries no environment: the command line sets it
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
 
 
@@ -54,6 +58,16 @@ def test_k8s_manifest_has_what_the_training_operator_needs():
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
         assert c["command"][:5] == ["torchrun", "--nproc-per-node", "8", "-m", "megatron_ext.train"]
     assert doc["spec"]["elasticPolicy"]["nProcPerNode"] == 8 and doc["spec"]["elasticPolicy"]["maxReplicas"] == 4
+    pod = specs["Master"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    # torchrun (PID 1) must give the trainers the pod's whole grace period to save, not its 30 s
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(pod["terminationGracePeriodSeconds"])
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    one = yaml.safe_load(render("--template", "k8s", "--config", PAPER, "--nodes", "1", "--gpus-per-node", "8").stdout)
+    # the operator's elastic rendezvous host is <job>-worker-0: one node has no Worker, so no elasticPolicy
+    assert list(one["spec"]["pytorchReplicaSpecs"]) == ["Master"] and "elasticPolicy" not in one["spec"]
 
 
 @pytest.mark.parametrize("args,text", [

@@ -1,6 +1,7 @@
 """Launch against a real SLURM: a one-node cluster (munged, slurmctld, slurmd)
 started for this module, a job rendered and submitted by `python -m launch
-submit`, and a preemption by SIGTERM followed by a requeue that resumes.
+submit`, a preemption by SIGTERM followed by a requeue that resumes, and a time-limit warning
+(USR1) after which the job saves and requeues itself.
 
 Skipped, with the reason, where slurm-wlm/munge are not installed or we are not
 root (.ci/install-slurm installs them in CI)."""
@@ -91,9 +92,19 @@ def test_preemption_saves_exits_cleanly_and_requeue_resumes(cluster, data, tmp_p
     cluster.run(["scontrol", "requeue", job_id])
     wait_for_text(tmp_path, name, job_id, rf"resumed from \S*step-{saved} at iteration {saved}", cluster)
     wait_for_text(tmp_path, name, job_id, rf"iteration +{saved + 1}/", cluster)
+
+    # The time-limit warning (USR1, as --signal=B:USR1@lead sends it): save, then the job requeues
+    # itself, since SLURM's --requeue does not cover a job that ran out of time.
+    cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
+    wait_for_text(tmp_path, name, job_id, r"SIGTERM: saved at iteration \d+[^\n]*\n(.|\n)*SIGTERM: saved at iteration", cluster)
+    second = [int(n) for n in re.findall(r"SIGTERM: saved at iteration (\d+)", node_log(tmp_path, name, job_id))][1]
+    wait_for_text(tmp_path, name, job_id, rf"resumed from \S*step-{second} at iteration {second}", cluster, 150)
+    wait_for_text(tmp_path, name, job_id, rf"iteration +{second + 1}/", cluster)
     cluster.run(["scancel", "--signal=TERM", "--batch", job_id])
     info = cluster.wait_for(job_id, ("COMPLETED",))
     print(f"requeued job {job_id}: {info['JobState']} {time.monotonic() - t1:.1f}s after requeue")
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "2"
     again = [int(n) for n in re.findall(r"SIGTERM: saved at iteration (\d+)", node_log(tmp_path, name, job_id))]
-    assert len(again) == 2 and again[1] > saved and (tmp_path / "run" / f"step-{again[1]}" / "COMPLETE").exists()
+    assert len(again) == 3 and saved < again[1] < again[2] and (tmp_path / "run" / f"step-{again[2]}" / "COMPLETE").exists()
+    batch = (tmp_path / "logs" / f"{name}-{job_id}.out").read_text()
+    assert batch.count("time limit near (USR1)") == 1 and batch.count(f"requeueing job {job_id}") == 1

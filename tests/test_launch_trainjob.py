@@ -62,6 +62,9 @@ def test_trainjob_runs_torchrun_with_our_config_and_layout():
     env = {e["name"]: e["value"] for e in t["env"]}
     assert env["PYTHONFAULTHANDLER"] == "1" and env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert not [k for k in env if k.startswith("PET_")]  # the Trainer owns those (its webhook rejects them)
+    grace = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"]
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(grace)  # torchrun's SIGKILL waits as long as the pod's
     # The runtime: the torch policy, and the replicated job the Trainer's torch plugin fills in.
     assert runtime["spec"]["mlPolicy"]["torch"] == {}
     jobset = runtime["spec"]["template"]["spec"]

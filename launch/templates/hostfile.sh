@@ -16,7 +16,7 @@ if [ "$${#hosts[@]}" -lt "$$NODES" ]; then
 fi
 head=$${hosts[0]}; port=$${MASTER_PORT:-29500}
 quoted_args=$$(printf ' %q' "$${EXTRA_ARGS[@]}")
-cmd="cd $$(printf %q "$$REPO") && PYTHONFAULTHANDLER=1 $$(printf %q "$$PYTHON") -m torch.distributed.run --nnodes $$NODES \
+cmd="cd $$(printf %q "$$REPO") && PYTHONFAULTHANDLER=1 ${nccl_prefix}$$(printf %q "$$PYTHON") -m torch.distributed.run --nnodes $$NODES \
 --nproc-per-node $$NPROC_PER_NODE --rdzv-id $$(printf %q "$$JOB_NAME") --rdzv-backend c10d --rdzv-endpoint $$head:$$port \
 -m megatron_ext.train --config $$(printf %q "$$CONFIG")$$quoted_args"
 if [ "$${LAUNCHER:-ssh}" = pdsh ]; then
