@@ -28,7 +28,7 @@ def render(*args, check=True):
 
 def lead(*extra) -> int:
     text = render("--template", "slurm", "--config", PAPER, "--nodes", "8", "--gpus-per-node", "8", *extra).stdout
-    line = next(x for x in text.splitlines() if x.startswith("#SBATCH --signal=B:SIGTERM@"))
+    line = next(x for x in text.splitlines() if x.startswith("#SBATCH --signal=B:USR1@"))
     return int(line.rsplit("@", 1)[1])
 
 
@@ -41,7 +41,7 @@ def test_slurm_lead_is_the_planned_iteration_plus_save_with_margin():
     save = checkpoint_host_memory(shape, run, lay, config_format(cfg), 8, True, DEFAULT_WRITE_GIB_S).save_s
     want = math.ceil(MARGIN * (step + save) + SLACK_S)
     assert step > 100 and save > 1  # a 200K step of a 13B model, a 13B checkpoint
-    assert f"#SBATCH --signal=B:SIGTERM@{want}\n" in res.stdout
+    assert f"#SBATCH --signal=B:USR1@{want}\n" in res.stdout
     assert f"stop grace period {want} s" in res.stderr  # printed
     assert grace_period(cfg, 64, 8).seconds == want
 
@@ -78,4 +78,4 @@ def test_time_limit_shorter_than_the_grace_period_is_refused():
 def test_cpu_jobs_keep_the_fixed_default():
     text = render("--template", "slurm", "--config", TINY, "--nodes", "1", "--gpus-per-node", "2",
                   "--device", "cpu").stdout
-    assert f"#SBATCH --signal=B:SIGTERM@{DEFAULT_S}\n" in text
+    assert f"#SBATCH --signal=B:USR1@{DEFAULT_S}\n" in text
