@@ -118,6 +118,8 @@ def parse(batch: Batch, path: str, keys: Sequence[str], sft: bool, skip_invalid:
     items = row_dicts(batch.rows) if rows else [raw.rstrip(b"\r") for raw in batch.lines]
     records = []
     for i, item in enumerate(items):
+        if not rows and not item.strip():
+            continue  # a blank line holds no record (concatenated files often have them); iter_texts skips them too
         try:
             records.append(sft_segments(item) if sft else document_segments(item, keys))
         except BadRecord as e:

@@ -199,7 +199,7 @@ class Preprocessor:
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
-            if not self.args.resume or not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            if not self.args.resume:  # with --resume, any failure (a full disk, a bad line) keeps the progress
                 self._discard()
             raise
         pool.shutdown()
@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json-keys", nargs="+", default=["text"],
                     help="JSON keys, or Parquet/datasets columns, to tokenize: one dataset P_{key}_document each")
     ap.add_argument("--append-eod", action="store_true", help="end every document with the EOS id")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer threads")
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                    else os.cpu_count() or 1, help="tokenizer threads (default: the CPUs this process may use)")
     ap.add_argument("--sft", action="store_true", help="prompt/response or messages; writes the loss mask too")
     ap.add_argument("--resume", action="store_true", help="continue a killed run from its progress file")
     ap.add_argument("--skip-invalid", action="store_true", help="skip bad lines, list them in PREFIX.rejects.jsonl")
@@ -304,6 +305,11 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"preprocess: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full or failing disk: not the input's fault
+        kept = "the progress so far is kept: fix the cause and rerun with --resume" if args.resume else \
+            "the partial output was removed (--resume keeps a run's progress across failures)"
+        print(f"preprocess: {e}; {kept}", file=sys.stderr)
+        return 1
     s, dt = pre.summary, time.monotonic() - t0
     skipped = f", skipped {s['rejected']} ({', '.join(f'{k}: {v}' for k, v in s['counts'].items())})" if s["rejected"] else ""
     rss = peak_rss_bytes() / 2**20

@@ -41,6 +41,8 @@ def train(inputs, vocab_size: int, output_prefix: str, model_type: str = "bpe", 
                         out.write(line + "\n")
                         written += len(line) + 1
                 bar.update(1)
+                if written >= sample_bytes:
+                    break  # the sample is full: the rest of the corpus is never read
         if written == 0:
             raise ValueError(f"no text found in {inputs} (key {json_key!r})")
         tmp_prefix = os.path.join(tmp, "spm")

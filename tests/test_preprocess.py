@@ -114,6 +114,25 @@ def test_bad_line_stops_with_file_and_line(reason, tokenizer, tmp_path):
     assert os.listdir(tmp_path) == ["in.jsonl"]  # no output, no temp files
 
 
+@pytest.mark.parametrize("sft", [False, True], ids=["text", "sft"])
+def test_blank_lines_hold_no_record_and_bad_lines_keep_their_numbers(sft, tokenizer, tmp_path):
+    """Files joined with cat often hold blank lines: skipped, as iter_texts skips them; a bad line
+    after them still names its own line number."""
+    rec = (lambda i: {"prompt": f"q {i}?", "response": f"a {i}."}) if sft else (lambda i: {"text": f"good {i}."})
+    good = [json.dumps(rec(i)).encode() + b"\n" for i in range(4)]
+    flags = ("--sft",) if sft else ("--append-eod",)
+    (tmp_path / "plain.jsonl").write_bytes(b"".join(good))
+    (tmp_path / "blank.jsonl").write_bytes(b"\n".join(good[:2]) + b"\n  \t\r\n" + b"".join(good[2:]) + b"\n")
+    preprocess([str(tmp_path / "plain.jsonl")], tmp_path / "a", tokenizer, *flags)
+    preprocess([str(tmp_path / "blank.jsonl")], tmp_path / "b", tokenizer, *flags)
+    for name in ("_text_document", "_loss_mask_document") if sft else ("_text_document",):
+        for ext in (".bin", ".idx"):
+            assert (tmp_path / f"a{name}{ext}").read_bytes() == (tmp_path / f"b{name}{ext}").read_bytes()
+    (tmp_path / "bad.jsonl").write_bytes(b"".join(good[:2]) + b"\n \n" + BAD_LINES["invalid JSON"])
+    res = preprocess([str(tmp_path / "bad.jsonl")], tmp_path / "c", tokenizer, *flags, check=False)
+    assert res.returncode == 2 and f"{tmp_path / 'bad.jsonl'}:5: invalid JSON" in res.stderr, res.stderr
+
+
 def test_skip_invalid_counts_and_lists_rejects(tokenizer, tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"".join(b'{"text": "good %d."}\n' % i + line for i, line in enumerate(BAD_LINES.values())))
@@ -201,3 +220,15 @@ def test_tokenizer_cli_writes_model_and_vocab(corpus, tmp_path):
     assert (tmp_path / "t.vocab").exists() and sp.vocab_size() <= 700
     assert (sp.bos_id(), sp.eos_id(), sp.pad_id()) == (1, 2, 3)
     assert sp.decode(sp.encode("The river ☃.")) == "The river ☃."  # byte fallback: nothing is unknown
+
+
+def test_tokenizer_training_stops_reading_once_its_sample_is_full(tmp_path):
+    """The second file is never read (its first line is not JSON): the first fills the sample."""
+    from data_tools.tokenizer import train
+
+    first = write_jsonl(tmp_path / "first.jsonl", make_docs(200, seed=5))
+    (tmp_path / "second.jsonl").write_bytes(b"not json\n")
+    model = train([str(first), str(tmp_path / "second.jsonl")], 600, str(tmp_path / "tok"), sample_bytes=20_000)
+    assert os.path.getsize(model) > 0
+    with pytest.raises(Exception, match="second.jsonl"):  # reading it does fail
+        train([str(tmp_path / "second.jsonl")], 600, str(tmp_path / "tok2"))

@@ -73,6 +73,22 @@ def test_crash_in_each_window_then_resume(point, nth, dirty, tokenizer, corpus, 
     assert sorted(os.listdir(tmp_path)) == ["cut.rejects.jsonl", "cut_text_document.bin", "cut_text_document.idx"]
 
 
+DISK_FULL = CRASH.replace("os._exit(137)", "raise OSError(28, 'No space left on device')")
+
+
+def test_disk_full_keeps_the_progress_for_resume(dirty, tokenizer, tmp_path):
+    """An OSError in mid-run (ENOSPC at the 4th checkpoint) exits 1 in one line and, with
+    --resume, keeps the temp outputs and progress file, so the rerun ends byte-identical."""
+    prefix = tmp_path / "full"
+    res = subprocess.run([sys.executable, "-c", DISK_FULL, "checkpoint", "4", "--input", dirty["src"],
+                          "--output-prefix", str(prefix), "--tokenizer-model", tokenizer, *FLAGS, "--resume"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "No space left on device; the progress so far is kept" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and (tmp_path / "full.progress.json").exists()
+    preprocess([dirty["src"]], prefix, tokenizer, *FLAGS, "--resume")
+    assert files(prefix) == files(dirty["clean"])
+
+
 def test_resume_refuses_changed_input_or_tokenizer(dirty, tokenizer, tmp_path):
     from sentencepiece import sentencepiece_model_pb2
 
