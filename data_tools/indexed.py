@@ -62,7 +62,8 @@ class Index:
 
 
 def read_index(prefix: str) -> Index:
-    """Parse PREFIX.idx, checking the header and that the arrays fit the file size."""
+    """Parse PREFIX.idx, checking the header and that the arrays fit the file size; the
+    arrays are read-only views of the memory-mapped file."""
     path = prefix + ".idx"
     if not os.path.exists(path):
         raise IndexError_(f"{path}: missing")
@@ -84,7 +85,9 @@ def read_index(prefix: str) -> Index:
         if size != want:
             raise IndexError_(f"{path}: {size} bytes, but {n_seq} sequences and {n_doc} document indices "
                               f"need {want} (truncated or corrupt)")
-        body = np.frombuffer(f.read(), dtype=np.uint8)
+    # mapped, not read: a billion-document index is ~20 GB
+    body = np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_BYTES) if size > HEADER_BYTES else \
+        np.zeros(0, np.uint8)
     lengths = body[: 4 * n_seq].view(np.int32)
     pointers = body[4 * n_seq: 12 * n_seq].view(np.int64)
     documents = body[12 * n_seq:].view(np.int64)

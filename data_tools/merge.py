@@ -3,7 +3,8 @@
     python -m data_tools.merge --inputs P1 P2 ... --output-prefix P
 
 Inputs must share a dtype; each is validated first. Output is written to
-temp names and renamed, .idx last.
+temp names, fsynced and renamed, .idx last; the index streams (memory stays flat
+whatever the document count).
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import time
 
 import numpy as np
 
-from .common import atomic_write
 from .quiet import add_output_flags, quiet_cli
-from .indexed import IndexError_, index_bytes, read_index
+from .indexed import IndexError_, read_index, write_index
 from .validate import validate
+
+CHUNK = 1 << 22
 
 
 def merge(inputs, output_prefix: str) -> dict:
@@ -30,16 +32,26 @@ def merge(inputs, output_prefix: str) -> dict:
     if len(dtypes) != 1:
         raise IndexError_(f"inputs have different dtypes: {[(p, ix.dtype.__name__) for p, ix in zip(inputs, indexes)]}")
     tmp = f"{output_prefix}.bin.tmp.{os.getpid()}"
-    with open(tmp, "wb") as out:
-        for prefix in inputs:
-            with open(prefix + ".bin", "rb") as f:
-                shutil.copyfileobj(f, out, 16 << 20)
-    lengths = np.concatenate([ix.lengths for ix in indexes]) if indexes else np.zeros(0, np.int32)
-    if os.path.exists(output_prefix + ".idx"):  # never leave the new .bin beside an old .idx
-        os.remove(output_prefix + ".idx")
-    os.replace(tmp, output_prefix + ".bin")
-    atomic_write(output_prefix + ".idx", index_bytes(dtypes.pop(), lengths))
-    return {"documents": len(lengths), "tokens": int(lengths.astype(np.int64).sum())}
+    lengths_tmp, idx_tmp = f"{output_prefix}.lengths.tmp.{os.getpid()}", f"{output_prefix}.idx.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as out, open(lengths_tmp, "wb") as lens:
+            for prefix, ix in zip(inputs, indexes):
+                with open(prefix + ".bin", "rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+                for start in range(0, len(ix.lengths), CHUNK):  # the index streams: memory stays flat
+                    lens.write(np.ascontiguousarray(ix.lengths[start:start + CHUNK], dtype=np.int32).tobytes())
+            out.flush()
+            os.fsync(out.fileno())
+        tokens = write_index(idx_tmp, dtypes.pop(), lengths_tmp)
+        if os.path.exists(output_prefix + ".idx"):  # never leave the new .bin beside an old .idx
+            os.remove(output_prefix + ".idx")
+        os.replace(tmp, output_prefix + ".bin")
+        os.replace(idx_tmp, output_prefix + ".idx")
+    finally:
+        for path in (tmp, lengths_tmp, idx_tmp):
+            if os.path.exists(path):
+                os.remove(path)
+    return {"documents": sum(len(ix.lengths) for ix in indexes), "tokens": tokens}
 
 
 def main(argv=None) -> int:

@@ -28,22 +28,25 @@ def validate(prefix: str, vocab_size: int = None) -> dict:
     bin_path = prefix + ".bin"
     if not os.path.exists(bin_path):
         raise IndexError_(f"{bin_path}: missing")
-    if (idx.lengths < 0).any():
-        raise IndexError_(f"{idx.path}: negative sequence length at {int(np.argmax(idx.lengths < 0))}")
     itemsize = np.dtype(idx.dtype).itemsize
-    n = len(idx.lengths)
-    if n:
-        expected = np.concatenate([[0], np.cumsum(idx.lengths[:-1].astype(np.int64) * itemsize)])
-        bad = np.nonzero(idx.pointers != expected)[0]
+    n, offset = len(idx.lengths), 0
+    for start in range(0, n, CHUNK_TOKENS):  # chunks: the arrays are memory-mapped, maybe billions long
+        lengths = idx.lengths[start:start + CHUNK_TOKENS].astype(np.int64)
+        if (lengths < 0).any():
+            raise IndexError_(f"{idx.path}: negative sequence length at {start + int(np.argmax(lengths < 0))}")
+        expected = offset + np.concatenate([[0], np.cumsum(lengths[:-1] * itemsize)])
+        bad = np.nonzero(idx.pointers[start:start + CHUNK_TOKENS] != expected)[0]
         if len(bad):
-            raise IndexError_(f"{idx.path}: pointer of sequence {bad[0]} is {idx.pointers[bad[0]]}, "
-                              f"lengths say {expected[bad[0]]}")
-    total = int(idx.lengths.astype(np.int64).sum()) * itemsize
+            k = start + int(bad[0])
+            raise IndexError_(f"{idx.path}: pointer of sequence {k} is {idx.pointers[k]}, lengths say {expected[bad[0]]}")
+        offset = int(expected[-1]) + int(lengths[-1]) * itemsize
+    total = offset
     size = os.path.getsize(bin_path)
     if size != total:
         raise IndexError_(f"{bin_path}: {size} bytes, the index describes {total} (truncated or extra data)")
     docs = idx.documents
-    if len(docs) == 0 or docs[0] != 0 or docs[-1] != n or (np.diff(docs) < 0).any():
+    rising = all(not (np.diff(docs[s:s + CHUNK_TOKENS + 1]) < 0).any() for s in range(0, len(docs), CHUNK_TOKENS))
+    if len(docs) == 0 or docs[0] != 0 or docs[-1] != n or not rising:
         raise IndexError_(f"{idx.path}: document indices must rise from 0 to {n}; got "
                           f"{docs[:3].tolist()}...{docs[-3:].tolist()}")
     if vocab_size is not None:
