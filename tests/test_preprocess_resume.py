@@ -11,7 +11,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from data_tools.indexed import index_bytes, write_index
-from tests.conftest import make_docs, write_jsonl
+from tests.conftest import make_docs
 from tests.test_preprocess import BAD_LINES, preprocess, run
 
 FLAGS = ["--append-eod", "--skip-invalid", "--batch-bytes", "3000", "--checkpoint-seconds", "0", "--workers", "2"]

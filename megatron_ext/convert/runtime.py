@@ -10,7 +10,6 @@ from typing import Tuple
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from ..train.config import ParallelConfig, TrainConfig
 
