@@ -196,10 +196,12 @@ class Preprocessor:
             while inflight:
                 self._write_next(inflight, bar)
             self._finish()
-        except BaseException:
+        except BaseException as err:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
-            if not self.args.resume:  # with --resume, any failure (a full disk, a bad line) keeps the progress
+            # with --resume a failure from outside (a full disk, Ctrl-C) keeps the progress; bad input
+            # (SystemExit naming FILE:LINE, no documents) would fail again the same way
+            if not self.args.resume or isinstance(err, SystemExit):
                 self._discard()
             raise
         pool.shutdown()
@@ -306,9 +308,9 @@ def main(argv=None) -> int:
         print(f"preprocess: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full or failing disk: not the input's fault
-        kept = "the progress so far is kept: fix the cause and rerun with --resume" if args.resume else \
-            "the partial output was removed (--resume keeps a run's progress across failures)"
-        print(f"preprocess: {e}; {kept}", file=sys.stderr)
+        hint = "fix the cause and rerun with --resume to continue" if args.resume else \
+            "no progress is kept without --resume"
+        print(f"preprocess: {e}; {hint}", file=sys.stderr)
         return 1
     s, dt = pre.summary, time.monotonic() - t0
     skipped = f", skipped {s['rejected']} ({', '.join(f'{k}: {v}' for k, v in s['counts'].items())})" if s["rejected"] else ""

@@ -208,4 +208,5 @@ def _render_k8s(spec: JobSpec, nproc: int, grace_s: int) -> str:
         workers.update(replicas=spec.nodes - 1, template=copy.deepcopy(master["template"]))
     else:  # the operator's elastic rendezvous is <job>-worker-0: one node runs without it
         del doc["spec"]["pytorchReplicaSpecs"]["Worker"], doc["spec"]["elasticPolicy"]
+        doc["spec"]["runPolicy"] = {"backoffLimit": spec.max_restarts}  # the restarts elasticPolicy gave
     return header + yaml.safe_dump(doc, sort_keys=False)

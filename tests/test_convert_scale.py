@@ -41,6 +41,9 @@ def test_export_shards_bounded_files_with_an_index_and_clears_stale_ones(tmp_pat
     left = sorted(f for f in os.listdir(out) if f.startswith("model"))
     assert left == ["model.safetensors"], left
     assert not [f for f in os.listdir(out) if ".tmp" in f]
+    export_hf(str(tmp_path / "ours"), str(out), "fp16", max_shard_bytes=40_000)  # and back: the single file goes
+    assert "model.safetensors" not in os.listdir(out) and sorted(
+        f for f in os.listdir(out) if f.startswith("model-")) == files
 
 
 def test_import_pads_the_vocabulary_for_tp_and_export_drops_the_padding(tmp_path):
@@ -57,8 +60,9 @@ def test_import_pads_the_vocabulary_for_tp_and_export_drops_the_padding(tmp_path
     validate(cfg, 2)  # 501 rows would not split over TP = 2
     import dataclasses
 
-    with pytest.raises(ValueError, match="model.true_vocab_size 513 exceeds model.vocab_size 512"):
-        validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, true_vocab_size=513)), 2)
+    for true, rows in ((513, 512), (-1, 512), (501, 0)):
+        with pytest.raises(ValueError, match=f"model.true_vocab_size {true} must be 0, or between 1 and model.vocab_size {rows}"):
+            validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, true_vocab_size=true, vocab_size=rows)), 2)
     from megatron_ext.convert import LogitsModel
 
     with LogitsModel.load(str(tmp_path / "ours")) as held:

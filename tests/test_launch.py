@@ -68,6 +68,7 @@ def test_k8s_manifest_has_what_the_training_operator_needs():
     one = yaml.safe_load(render("--template", "k8s", "--config", PAPER, "--nodes", "1", "--gpus-per-node", "8").stdout)
     # the operator's elastic rendezvous host is <job>-worker-0: one node has no Worker, so no elasticPolicy
     assert list(one["spec"]["pytorchReplicaSpecs"]) == ["Master"] and "elasticPolicy" not in one["spec"]
+    assert one["spec"]["runPolicy"] == {"backoffLimit": 3}  # --max-restarts still bounds the restarts
 
 
 @pytest.mark.parametrize("args,text", [

@@ -112,6 +112,9 @@ def test_bad_line_stops_with_file_and_line(reason, tokenizer, tmp_path):
     assert res.returncode == 2
     assert f"{path}:4: {reason}" in res.stderr
     assert os.listdir(tmp_path) == ["in.jsonl"]  # no output, no temp files
+    if reason == "invalid JSON":  # with --resume too: bad input would fail again, so nothing is kept
+        res = preprocess([str(path)], tmp_path / "out", tokenizer, "--resume", check=False)
+        assert res.returncode == 2 and os.listdir(tmp_path) == ["in.jsonl"]
 
 
 @pytest.mark.parametrize("sft", [False, True], ids=["text", "sft"])

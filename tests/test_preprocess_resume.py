@@ -83,7 +83,7 @@ def test_disk_full_keeps_the_progress_for_resume(dirty, tokenizer, tmp_path):
     res = subprocess.run([sys.executable, "-c", DISK_FULL, "checkpoint", "4", "--input", dirty["src"],
                           "--output-prefix", str(prefix), "--tokenizer-model", tokenizer, *FLAGS, "--resume"],
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1 and "No space left on device; the progress so far is kept" in res.stderr, res.stderr
+    assert res.returncode == 1 and "No space left on device; fix the cause and rerun with --resume" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and (tmp_path / "full.progress.json").exists()
     preprocess([dirty["src"]], prefix, tokenizer, *FLAGS, "--resume")
     assert files(prefix) == files(dirty["clean"])

@@ -115,6 +115,11 @@ def write_hf_folder(out_dir: str, config: Dict, tensors: Dict[str, Tuple[Tuple[i
     elem = torch.empty((), dtype=dtype).element_size()
     sizes = {name: math.prod(shape) * elem for name, (shape, _) in tensors.items()}
     files = shard_files(sizes, max_shard_bytes)
+    # an earlier export's index (and its single file, if this one shards) go first: until the new
+    # set is whole, a reader finds nothing to load rather than a mix of old and new weights
+    for old in [INDEX] + (["model.safetensors"] if len(files) > 1 else []):
+        if os.path.exists(os.path.join(out_dir, old)):
+            os.remove(os.path.join(out_dir, old))
     for fname, names in files.items():
         shard = {n: tensors[n][1]().detach().to("cpu", dtype, copy=True).contiguous() for n in names}
         wrong = [f"{n}: {tuple(t.shape)} vs {tensors[n][0]}" for n, t in shard.items() if tuple(t.shape) != tuple(tensors[n][0])]
@@ -133,6 +138,6 @@ def write_hf_folder(out_dir: str, config: Dict, tensors: Dict[str, Tuple[Tuple[i
     keep = set(files) | ({INDEX} if len(files) > 1 else set())
     for path in glob.glob(os.path.join(out_dir, "model*.safetensors")) + [os.path.join(out_dir, INDEX)]:
         if os.path.basename(path) not in keep and os.path.exists(path):
-            os.remove(path)  # an earlier export's weights: a reader would load them beside ours
+            os.remove(path)  # an earlier export's shards: not ours
     atomic_write(os.path.join(out_dir, "config.json"), (json.dumps(config, indent=2) + "\n").encode())
     return list(files)

@@ -354,9 +354,11 @@ def validate(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
                          f"TP = {tp}: they must divide by it (tensor_parallel/mappings.py scatters evenly)")
     if cfg.model.vocab_size:
         check_vocab_size(cfg.model.vocab_size, cfg)
-    if cfg.model.true_vocab_size > (cfg.model.vocab_size or cfg.model.true_vocab_size):
-        raise ValueError(f"model.true_vocab_size {cfg.model.true_vocab_size} exceeds model.vocab_size "
-                         f"{cfg.model.vocab_size}: the real tokens are the first rows of the padded vocabulary")
+    true = cfg.model.true_vocab_size
+    if true < 0 or (true and not 0 < true <= cfg.model.vocab_size):
+        raise ValueError(f"model.true_vocab_size {true} must be 0, or between 1 and model.vocab_size "
+                         f"{cfg.model.vocab_size} (set with it): the real tokens are the first rows of the padded "
+                         f"vocabulary")
     per_step = cfg.optim.micro_batch_size * dp
     if cfg.optim.global_batch_size % per_step:
         raise ValueError(f"global_batch_size {cfg.optim.global_batch_size} must be a multiple of "

@@ -29,7 +29,9 @@ def transformer_config(cfg: TrainConfig, device=None, init_weights: bool = True)
     """megatron-core's TransformerConfig for ``cfg`` (the one mapping of our keys onto it).
     ``device``: where the parameters are created (default :func:`default_device`); off CUDA,
     megatron-core's CPU initialisation. ``init_weights=False``: megatron-core allocates the
-    weights without drawing them (``perform_initialization``), for callers that load every weight."""
+    weights without drawing them (``perform_initialization``), for callers that load every weight
+    and never train the model: its init path is also what marks TP-sharded weights
+    (``tensor_model_parallel``), which the grad norm of a TP > 1 optimizer reads."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from ..rope import attention_scale_factor
