@@ -71,6 +71,9 @@ def test_import_pads_the_vocabulary_for_tp_and_export_drops_the_padding(tmp_path
     ids = torch.randint(0, 501, (2, 9))
     ours = forward_logits(str(tmp_path / "ours"), ids)
     assert ours.shape == (2, 9, 501) and (ours - _hf_logits(model, ids)).abs().max().item() <= 1e-4
+    from bench.gpu_check.logits import process_logits  # gpu-check's other-process call, with a device
+
+    assert torch.equal(process_logits(str(tmp_path / "ours"), ids, device="cpu"), ours)
     export_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
     exported = load_file(str(tmp_path / "back" / "model.safetensors"))
     assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())

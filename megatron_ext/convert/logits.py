@@ -77,8 +77,10 @@ class LogitsModel:
         self.close()
 
 
-def forward_logits(checkpoint_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the checkpoint's model: input_ids LongTensor [b, s] -> FloatTensor [b, s, vocab],
-    CPU, fp32, one process; a :class:`LogitsModel` loaded for this one call."""
-    with LogitsModel.load(checkpoint_dir) as model:
+def forward_logits(checkpoint_dir: str, input_ids: torch.Tensor,
+                   device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """Logits of the checkpoint's model: input_ids LongTensor [b, s] -> FloatTensor [b, s, vocab]
+    on the CPU, fp32, one process; a :class:`LogitsModel` loaded for this one call, computing on
+    ``device`` (default the CPU; "cuda[:N]" needs a process without the CPU patches)."""
+    with LogitsModel.load(checkpoint_dir, device) as model:
         return model.logits(input_ids).cpu()
