@@ -100,3 +100,15 @@ def test_segments_mask_flips_at_the_suffix_cuts(tok):
     assert first == common_prefix(ids, tok.encode("user: Say one word.\nassistant: "))
     trained = [i for i, f in zip(ids, flags) if f]
     assert "".join(tok.decode(trained).split()) == "Lantern.Lanternharbour."  # sentencepiece drops the newlines
+
+
+def test_common_prefix_at_every_place_around_slice_edges():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        n, step = rng.randrange(0, 40), rng.randrange(1, 9)
+        a = [rng.randrange(3) for _ in range(n)]
+        b = a[:rng.randrange(0, n + 1)] + [rng.randrange(3) for _ in range(rng.randrange(0, 12))]
+        want = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b, step) == common_prefix(tuple(a), b, step) == want, (a, b, step)
