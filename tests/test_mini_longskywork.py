@@ -136,6 +136,27 @@ def test_toy_run_stops_at_the_gate_when_the_base_cannot_copy(tmp_path):
     assert "STOPPED AT THE GATE: the base cannot copy" in text and "| base-own-rope | needle |" in text
 
 
+def test_toy_run_on_one_rank_as_on_one_gpu(tmp_path):
+    """--nproc 1 (one GPU's layout): the long stage and the evaluation run at CP = 1; --base-iters
+    sets the base stage's length, its WSD decay keeping its share."""
+    out = str(tmp_path / "mini")
+    res = subprocess.run(CMD + ["--out", out, "--gate-threshold", "0", "--arms", "cpt-only", "--nproc", "1",
+                                "--base-iters", "4"], cwd=REPO, capture_output=True, text=True, timeout=420)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    import yaml
+
+    cpt, base = (yaml.safe_load(open(f"{out}/configs/{n}.yaml")) for n in ("cpt", "base"))
+    assert cpt["parallel"]["context_parallel_size"] == 1 and cpt["data"]["seq_length"] == 768
+    assert (base["optim"]["train_iters"], base["optim"]["lr_wsd_decay_iters"]) == (4, 2)
+    assert json.load(open(f"{out}/experiment.json"))["nproc"] == 1
+    assert "iteration      4/4" in open(f"{out}/worker.log").read()
+    results = json.load(open(f"{out}/results.json"))
+    assert list(results["arms"]) == ["cpt-only"] and "base-own-rope" in results["controls"]
+    bad = subprocess.run(CMD + ["--out", str(tmp_path / "bad"), "--nproc", "0"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--nproc must be >= 1, got 0" in bad.stderr
+
+
 def test_arms_share_stages_and_verdict_reads_the_numbers():
     assert [s.name for s in needed(["full"])] == ["base", "cpt", "sft", "long_sft"]
     assert [s.name for s in needed(["no-cip"])] == ["base", "cpt_concat", "sft_concat", "long_sft_concat"]

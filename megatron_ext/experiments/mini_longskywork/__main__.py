@@ -4,7 +4,8 @@
         [--gate-threshold X] [--ignore-gate]
 
 A small GPT is pretrained at L0, continually pretrained at L1 = 8 x L0 with RoPE ABF
-on CIP data (CP=2 ring), SFT-ed, then long-SFT-ed for 200 iterations at L1 on SynL.
+on CIP data (CP = --nproc, 2 by default: the ring), SFT-ed, then long-SFT-ed for 200
+iterations at L1 on SynL.
 Arms share their common prefix (no stage is trained twice) and each is evaluated on
 passkey, needle and held-out SynL at L0/2, L0, 2 L0, 4 L0 and L1. Writes
 OUT/results.json, OUT/report.md, OUT/losses.png and OUT/heatmaps/. --resume continues
@@ -54,6 +55,14 @@ def experiment_config(args) -> ExperimentConfig:
     cfg = toy_config() if args.toy else ExperimentConfig()
     if args.gate_threshold is not None:
         cfg.gate_threshold = args.gate_threshold
+    for flag, value in (("--nproc", args.nproc), ("--base-iters", args.base_iters)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.nproc is not None:
+        cfg.nproc = args.nproc
+    if args.base_iters is not None:  # the WSD decay keeps its share of the stage
+        decay = max(1, cfg.base.wsd_decay * args.base_iters // cfg.base.iters) if cfg.base.wsd_decay else 0
+        cfg.base = dataclasses.replace(cfg.base, iters=args.base_iters, wsd_decay=min(decay, args.base_iters))
     os.makedirs(args.out, exist_ok=True)
     atomic_write(path, json.dumps(dataclasses.asdict(cfg), indent=1).encode())
     return cfg
@@ -82,7 +91,8 @@ class Progress:
 
 def run_worker(out: str, plan: dict, progress: Progress) -> None:
     atomic_write(f"{out}/plan.json", json.dumps(plan, indent=1).encode())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(plan["experiment"]["nproc"]),
+           "--rdzv-backend", "c10d",
            "--rdzv-endpoint", "localhost:0", "-m", "megatron_ext.experiments.mini_longskywork.worker",
            "--plan", f"{out}/plan.json"]
     threads = str(plan["experiment"]["threads_per_rank"])
@@ -111,6 +121,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gate-threshold", type=float, default=None, help="passkey accuracy at L0 (base, own RoPE) "
                     "below which the run stops after base (default: the config's gate_threshold; a new run only)")
     ap.add_argument("--ignore-gate", action="store_true", help="run every stage even if the base cannot copy")
+    ap.add_argument("--nproc", type=int, default=None, help="worker ranks (a new run only; default 2: gloo on "
+                    "CPU cores; on a GPU machine one per GPU, e.g. 1): long stages and evaluation run at CP = nproc")
+    ap.add_argument("--base-iters", type=int, default=None, help="iterations of the base stage (a new run only; "
+                    "default the config's 2000): a base that copies needs far more than 2 CPU cores allow")
     add_output_flags(ap)
     args = ap.parse_args(argv)
     t0 = time.monotonic()

@@ -70,11 +70,11 @@ class ExperimentConfig:
     """Gate after ``base``: passkey accuracy at L0 with the base's own RoPE below this stops the run
     (override: ``--ignore-gate``)."""
     cpt: StageSize = field(default_factory=lambda: StageSize(120, 2, 3e-4, 10))
-    """Continual pretraining at L1 with RoPE ABF (CP=2 ring)."""
+    """Continual pretraining at L1 with RoPE ABF (CP = nproc: the ring at 2)."""
     sft: StageSize = field(default_factory=lambda: StageSize(150, 8, 3e-4, 10))
     """SFT on short examples at L0 (packed)."""
     long_sft: StageSize = field(default_factory=lambda: StageSize(200, 2, 2e-4, 5))
-    """Long SFT at L1 (packed, CP=2 ring): exactly 200 iterations in the full run."""
+    """Long SFT at L1 (packed, CP = nproc): exactly 200 iterations in the full run."""
     sft_question_weights: str = "lookup=4,reverse_lookup=4,multi_hop=2"
     """``synth synl --question-weights`` of every SFT mix: mostly look-ups with multi-token answers
     (names, dates, ids: several pieces each), so SFT supervises more than one token."""
@@ -93,6 +93,10 @@ class ExperimentConfig:
     """Held-out SynL prompts per length (seeds never used in training)."""
     threads_per_rank: int = 1
     """OMP threads per rank (2 ranks on 2 cores)."""
+    nproc: int = 2
+    """Worker ranks: 2 gloo ranks on these 2 CPU cores; on a GPU machine one per GPU (NCCL), e.g. 1
+    (``--nproc``). Short stages are data-parallel over them; long stages and the evaluation run
+    context-parallel with CP = nproc (the ring; at 1, the local kernel)."""
 
     def sizes(self) -> Dict[str, object]:
         return dataclasses.asdict(self)

@@ -32,7 +32,7 @@ class Stage:
     kind: str
     """Trainer stage: pretrain, sft or long_sft."""
     long: bool
-    """Runs at L1 with RoPE ABF and CP=2 ring (else L0, data-parallel over 2 ranks)."""
+    """Runs at L1 with RoPE ABF and CP = nproc (2: the ring), else at L0, data-parallel over the ranks."""
     size: str
     """Which ExperimentConfig StageSize: base, cpt, sft or long_sft."""
 
@@ -95,7 +95,7 @@ def stage_config(cfg: ExperimentConfig, stage: Stage, paths: Dict[str, str], out
     return {
         "stage": stage.kind,
         "expected": f"mini_longskywork stage {stage.name}: loss falls over {size.iters} iterations",
-        "parallel": {"context_parallel_size": 2 if stage.long else 1, "cp_comm_type": "p2p"},
+        "parallel": {"context_parallel_size": cfg.nproc if stage.long else 1, "cp_comm_type": "p2p"},
         "model": {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "ffn_hidden_size": 4 * cfg.hidden_size,
                   "num_attention_heads": heads, "num_query_groups": heads, "rope": rope},
         "data": {"blend": _blend(cfg, stage, paths), "tokenizer_model": paths["tokenizer"],

@@ -1,6 +1,6 @@
 """The experiment's one distributed job: pending training stages, then pending evaluations.
 
-    torchrun --nproc-per-node 2 -m megatron_ext.experiments.mini_longskywork.worker --plan OUT/plan.json
+    torchrun --nproc-per-node NPROC -m megatron_ext.experiments.mini_longskywork.worker --plan OUT/plan.json
 
 One launch runs every stage in order (megatron-core's parallel state is rebuilt per
 stage), so interpreter and import start-up is paid once. Each finished stage writes
