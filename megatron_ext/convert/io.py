@@ -112,7 +112,7 @@ def write_hf_folder(out_dir: str, config: Dict, tensors: Dict[str, Tuple[Tuple[i
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     sizes = {name: math.prod(shape) * elem for name, (shape, _) in tensors.items()}
     files = shard_files(sizes, max_shard_bytes)
     # an earlier export's index (and its single file, if this one shards) go first: until the new
